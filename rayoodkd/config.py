@@ -1,0 +1,300 @@
+"""Typed run configuration: YAML presets, dotted ``key=value`` overrides, and one-line validation errors.
+
+A run config is one pydantic model. Its top level holds the keys every run has (``method``, ``seed``,
+``max_steps``, ``num_workers``, ``use_gpu``, ``tracking_uri``, ``storage_path``, ``summary_json``, ...), the
+sections the engine reads (``teacher``, ``student``, ``data``, ``eval``, ``resources``, ``debug``) and one
+section per registered method, named after it (``kd_ood.temperature=4``), validated by that method's own
+``Config`` model.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from rayoodkd.data.config import CorpusConfig
+
+PRESET_PACKAGE = "rayoodkd.configs"
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherRecipe(Section):
+    """How to train the teacher when no checkpoint is given (the result is cached by content)."""
+
+    arch: str = "lenet5"
+    train: CorpusConfig = CorpusConfig(source="mnist5k", split="train")
+    val: CorpusConfig = CorpusConfig(source="mnist5k", split="val")
+    test: CorpusConfig = CorpusConfig(source="mnist5k", split="test")
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(28, ge=8)
+    channels: Literal[1, 3] = 1
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    augment: Literal["none", "crop", "crop_flip"] = "crop"
+    seed: int = 0
+
+
+class TeacherConfig(Section):
+    """The frozen teacher: a checkpoint written by ``python -m rayoodkd.teacher``, or a recipe to make one."""
+
+    checkpoint: str | None = None
+    recipe: TeacherRecipe = TeacherRecipe()
+
+
+class StudentConfig(Section):
+    """The student architecture (any name in ``rayoodkd.models.CLASSIFIERS``) and its extra arguments."""
+
+    arch: str = "lenet5_half"
+    kwargs: dict[str, Any] = {}
+
+
+class DataConfig(Section):
+    """The streams a method may consume, and the in-domain sets the student is judged on.
+
+    ``ood`` is unlabelled out-of-domain data, ``web`` webly collected data, ``labelled`` in-domain training
+    images (only the upper-bound method ``kd_id`` uses them). ``val`` selects the best student; ``test`` is
+    the held-out in-domain test set reported as the final accuracy.
+    """
+
+    ood: CorpusConfig | None = None
+    web: CorpusConfig | None = None
+    labelled: CorpusConfig | None = None
+    val: CorpusConfig = CorpusConfig(source="mnist5k", split="val")
+    test: CorpusConfig = CorpusConfig(source="mnist5k", split="test")
+    batch_size: int = Field(128, ge=1, description="images per worker per batch")
+    shuffle_buffer: int = Field(2048, ge=0)
+    augment: Literal["none", "crop", "crop_flip"] = "crop"
+    prefetch_batches: int = Field(2, ge=0)
+    materialize: bool = Field(
+        True, description="decode each corpus once into Ray's object store (fits in RAM)"
+    )
+    cache_dir: str | None = None
+
+
+class EvalConfig(Section):
+    """Evaluation of the deployable student on ``data.val`` (and ``data.test`` at the end)."""
+
+    every: int = Field(250, ge=1, description="steps between evaluations, reports and checkpoints")
+    batch_size: int = Field(512, ge=1)
+
+
+class ResourcesConfig(Section):
+    """What each Ray Train worker reserves. Keep CPUs free for Ray Data (spec/ray.md P7)."""
+
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+
+
+class DebugConfig(Section):
+    """Fault injection, for the failure-recovery test and for trying FailureConfig by hand."""
+
+    fail_at_step: int | None = Field(None, ge=1, description="a fresh (not resumed) attempt raises here")
+
+
+class BaseRunConfig(Section):
+    """The keys every run has; per-method sections are added by :func:`run_config_model`."""
+
+    method: str = "kd_ood"
+    seed: int = 0
+    max_steps: int = Field(1500, ge=1)
+    num_workers: int = Field(
+        2, ge=0, description="Ray Train workers; 0 runs in the driver (Train local mode)"
+    )
+    use_gpu: bool = False
+    amp: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    tracking_uri: str | None = None
+    experiment_name: str = "rayoodkd"
+    storage_path: str = "./runs"
+    run_name: str | None = None
+    summary_json: str | None = None
+    max_failures: int = Field(1, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    debug: DebugConfig = DebugConfig()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from rayoodkd.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; allowed: {', '.join(METHODS.names())}")
+        return value
+
+    def method_config(self) -> BaseModel:
+        """The selected method's own section."""
+        return getattr(self, self.method)
+
+
+@cache
+def run_config_model() -> type[BaseRunConfig]:
+    """The full config model: the base keys plus one section per registered method."""
+    from rayoodkd.methods import METHODS
+
+    sections: dict[str, Any] = {}
+    for name in METHODS.names():
+        method_config = METHODS.get(name).Config
+        sections[name] = (method_config, method_config())
+    return create_model("RunConfig", __base__=BaseRunConfig, **sections)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (``--config NAME``)."""
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(ref: str) -> dict[str, Any]:
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {ref!r}")
+        text = path.read_text()
+    elif ref in preset_names():
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{ref}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"--config: unknown preset {ref!r}; allowed: {', '.join(preset_names())} or a YAML path"
+        )
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {ref}: the YAML must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_preset(ref: str) -> dict[str, Any]:
+    """A preset or YAML file as a plain dict, with ``extends: OTHER`` resolved (other keys win)."""
+    data = _read_yaml(ref)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return deep_merge(load_preset(str(parent)), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into a copy of ``base``, recursing into nested mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c) with ``c`` parsed as YAML (numbers, booleans, null, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"override {text!r}: expected KEY=VALUE with a dotted KEY, e.g. seed=1 or data.batch_size=64"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with every ``key=value`` override applied."""
+    result = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _allowed_keys(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        candidates = getattr(field.annotation, "__args__", (field.annotation,))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _describe(model: type[BaseModel], error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    loc = tuple(part for part in first["loc"] if isinstance(part, str))
+    key = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
+    if first["type"] == "extra_forbidden":
+        parent = prefix + ".".join(loc[:-1])
+        where = f" under {parent.rstrip('.')!r}" if parent.rstrip(".") else ""
+        return f"unknown key {key!r}; allowed keys{where}: {', '.join(_allowed_keys(model, loc))}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid value for {key!r}: {message} (got {first.get('input')!r})"
+
+
+def build_section(model: type[SectionT], data: dict[str, Any], prefix: str = "") -> SectionT:
+    """Validate ``data`` as ``model``; on any problem raise :class:`ConfigError` naming the key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(model, error, prefix)) from None
+
+
+def build_config(data: dict[str, Any]) -> BaseRunConfig:
+    """Validate a whole run config (see :func:`build_section`)."""
+    return build_section(run_config_model(), data)
+
+
+def resolve_config(config_ref: str | None = None, overrides: list[str] | None = None) -> BaseRunConfig:
+    """The run config for ``--config REF`` (default: the ``demo`` preset) plus overrides."""
+    data = load_preset(config_ref or "demo")
+    return build_config(apply_overrides(data, overrides or []))
+
+
+def to_yaml(config: BaseModel, *, only_method: bool = True) -> str:
+    """The resolved config as YAML; with ``only_method`` the sections of other methods are left out."""
+    data = config.model_dump(mode="json")
+    if only_method and isinstance(config, BaseRunConfig):
+        from rayoodkd.methods import METHODS
+
+        data = {k: v for k, v in data.items() if k not in METHODS.names() or k == config.method}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and tables)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,435 @@
+"""Ray Data readers for image corpora, all ending in ``decode_batch`` (columns image/label/corrupt)."""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import io
+import os
+import pickle
+import posixpath
+import re
+import struct
+import tarfile
+from collections import Counter
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.extensions import ArrowTensorArray
+
+from rayoodkd.data.builtin import BUILTIN_SOURCES, LETTERS, materialize_builtin
+from rayoodkd.data.config import CorpusConfig, check_split
+from rayoodkd.data.decode import decode_batch
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm")
+DECODE_BATCH_SIZE = 256
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$", re.IGNORECASE)
+_CIFAR10_TRAIN = re.compile(r"data_batch_(\d+)$")
+_CIFAR_DIRS = ("cifar-10-batches-py", "cifar-100-python")
+_ARCHIVES = (".tar.gz", ".tgz", ".tar")
+_BLOCK_ROWS = 4096
+
+
+# ------------------------------------------------------------------------------------------ source resolving
+
+
+def filesystem_and_path(source: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path in it, for a local path or a ``file://``/``s3://``/``gs://`` URI."""
+    if _URI.match(source):
+        return pafs.FileSystem.from_uri(source)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
+
+
+def _listdir(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    return sorted(fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), key=lambda i: i.path)
+
+
+def _is_visible(info: pafs.FileInfo) -> bool:
+    return not info.base_name.startswith((".", "_"))
+
+
+def _detect(fs: pafs.FileSystem, path: str) -> str:
+    """Guess the format of a non-builtin source (see ``CorpusConfig``)."""
+    name = posixpath.basename(path.rstrip("/")).lower()
+    if _GLOB_CHARS.search(path):
+        return "parquet"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        if name.endswith(".parquet"):
+            return "parquet"
+        if _IDX_IMAGES.search(name):
+            return "idx"
+        if name.endswith((".npy", ".npz")):
+            return "numpy"
+        return "cifar" if name.endswith(_ARCHIVES) else "image_folder"
+    entries = [e for e in _listdir(fs, path) if _is_visible(e)]
+    files = {e.base_name for e in entries if e.type == pafs.FileType.File}
+    dirs = {e.base_name for e in entries if e.type == pafs.FileType.Directory}
+    if any(f.lower().endswith(".parquet") for f in files) or (
+        dirs and not files and all("=" in d for d in dirs)
+    ):
+        return "parquet"
+    if _cifar_dir_kind(files) or dirs & set(_CIFAR_DIRS):
+        return "cifar"
+    if any(_IDX_IMAGES.search(f) for f in files):
+        return "idx"
+    return "image_folder"
+
+
+def resolve_format(cfg: CorpusConfig) -> str:
+    """The concrete format of ``cfg`` (``auto`` detected), after checking that a local/URI source exists.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a split the format does not allow.
+    """
+    if cfg.format == "builtin" or (cfg.format == "auto" and cfg.source in BUILTIN_SOURCES):
+        return "builtin"
+    fs, path = filesystem_and_path(cfg.source)
+    if not _GLOB_CHARS.search(path) and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source: path not found: {cfg.source}")
+    fmt = _detect(fs, path) if cfg.format == "auto" else cfg.format
+    check_split(fmt, cfg.split)
+    return fmt
+
+
+def class_names_of(cfg: CorpusConfig) -> list[str] | None:
+    """Class names in label order for builtin sets and image folders with class subfolders, else None."""
+    fmt = resolve_format(cfg)
+    if fmt == "builtin":
+        if cfg.source in ("mnist5k", "uci-digits"):
+            return [str(d) for d in range(10)]
+        return list(LETTERS) if cfg.source in ("letters", "hershey") else None
+    if fmt == "image_folder":
+        fs, path = filesystem_and_path(cfg.source)
+        return _class_dirs(fs, path) or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+
+def load_corpus(
+    cfg: CorpusConfig, *, image_size: int, channels: int, seed: int = 0, cache_dir: str | None = None
+) -> ray.data.Dataset:
+    """A lazy Ray Dataset with columns ``image`` (float32 ``[channels, image_size, image_size]`` in [0, 1]),
+    ``label`` (int64, -1 when unknown) and ``corrupt`` (bool; corrupt images are zeros).
+
+    Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of
+    generated sets) and then read like any parquet corpus. CIFAR, IDX and numpy sources are read into the
+    driver's memory, the others are read lazily by Ray Data.
+    """
+    if image_size <= 0:
+        raise ValueError(f"image_size: must be positive, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: must be 1 or 3, got {channels}")
+    fmt = resolve_format(cfg)
+    limit = cfg.num_images
+    if fmt == "builtin":
+        out = materialize_builtin(cfg.source, cfg.split, cfg.num_images, seed, cache_dir)
+        ds = _read_parquet(
+            cfg.model_copy(update={"image_column": "image", "label_column": "label"}), str(out)
+        )
+        limit = None
+    elif fmt == "parquet":
+        ds = _read_parquet(cfg, cfg.source)
+    elif fmt == "image_folder":
+        ds = _read_image_folder(cfg)
+    else:
+        images, labels = {"cifar": _cifar_arrays, "idx": _idx_arrays, "numpy": _numpy_arrays}[fmt](cfg)
+        if len(images) == 0:
+            raise ValueError(f"source: {cfg.source} holds no images")
+        ds = _from_arrays(images[:limit], labels[:limit] if labels is not None and cfg.labelled else None)
+        limit = None
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": image_size, "channels": channels},
+        batch_format="numpy",
+        batch_size=DECODE_BATCH_SIZE,
+        udf_modifying_row_count=False,
+    )
+
+
+def corpus_summary(ds: ray.data.Dataset) -> dict[str, Any]:
+    """Counts over a decoded corpus: ``rows``, ``corrupt``, ``labelled`` (intact rows with label >= 0) and
+    ``label_counts`` (label -> intact rows)."""
+    rows = corrupt = 0
+    counts: Counter[int] = Counter()
+    for batch in ds.select_columns(["label", "corrupt"]).iter_batches(batch_format="numpy", batch_size=4096):
+        bad = batch["corrupt"].astype(bool)
+        rows += len(bad)
+        corrupt += int(bad.sum())
+        values, n = np.unique(batch["label"][~bad], return_counts=True)
+        counts.update(dict(zip(values.tolist(), n.tolist(), strict=True)))
+    labelled = sum(n for label, n in counts.items() if label >= 0)
+    return {
+        "rows": rows,
+        "corrupt": corrupt,
+        "labelled": labelled,
+        "label_counts": dict(sorted(counts.items())),
+    }
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    if _GLOB_CHARS.search(path):
+        parent, pattern = posixpath.split(path)
+        regex = re.compile(fnmatch.translate(pattern))
+        files = [e.path for e in _listdir(fs, parent) if e.is_file and regex.fullmatch(e.base_name)]
+    elif fs.get_file_info(path).type == pafs.FileType.File:
+        files = [path]
+    else:
+        files = [
+            e.path
+            for e in _listdir(fs, path, recursive=True)
+            if e.is_file and e.base_name.lower().endswith(".parquet") and _is_visible(e)
+        ]
+    if not files:
+        raise FileNotFoundError(f"source: no parquet files found at {path}")
+    return files
+
+
+def _read_parquet(cfg: CorpusConfig, source: str) -> ray.data.Dataset:
+    """Parquet shards with an encoded-image column and an optional int label column."""
+    fs, path = filesystem_and_path(source)
+    files = _parquet_files(fs, path)
+    with fs.open_input_file(files[0]) as f:
+        names = pq.read_schema(f).names
+    if cfg.image_column not in names:
+        raise ValueError(f"image_column: column {cfg.image_column!r} not in the parquet schema {names}")
+    label = cfg.label_column if cfg.labelled else None
+    if label is not None and label not in names:
+        if cfg.label_column != CorpusConfig.model_fields["label_column"].default:
+            raise ValueError(f"label_column: column {label!r} not in the parquet schema {names}")
+        label = None  # the default label column is optional
+    columns = [cfg.image_column] + ([label] if label else [])
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=columns)
+    rename = {cfg.image_column: "image"}
+    if label:
+        rename[label] = "label"
+    rename = {k: v for k, v in rename.items() if k != v}
+    return ds.rename_columns(rename) if rename else ds
+
+
+def _class_dirs(fs: pafs.FileSystem, path: str) -> list[str]:
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    dirs = [e for e in _listdir(fs, path) if e.type == pafs.FileType.Directory]
+    return [e.base_name for e in dirs if not e.base_name.startswith(".")]
+
+
+def _folder_labels(batch: dict[str, np.ndarray], root: str, classes: list[str]) -> dict[str, np.ndarray]:
+    """Label each file by its first directory below ``root`` (-1 outside a class folder)."""
+    index = {name: i for i, name in enumerate(classes)}
+    prefix = root.rstrip("/") + "/"
+    labels = np.full(len(batch["path"]), -1, dtype=np.int64)
+    for i, p in enumerate(batch["path"]):
+        rel = p[len(prefix) :] if p.startswith(prefix) else p
+        head, sep, _ = rel.partition("/")
+        if sep:
+            labels[i] = index.get(head, -1)
+    return {"image": batch["bytes"], "label": labels}
+
+
+def _read_image_folder(cfg: CorpusConfig) -> ray.data.Dataset:
+    """Image files (read as raw bytes, so corrupt files reach the decoder); class subfolders give labels."""
+    fs, path = filesystem_and_path(cfg.source)
+    classes = _class_dirs(fs, path) if cfg.labelled else []
+    ds = ray.data.read_binary_files(
+        path, filesystem=fs, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS)
+    )
+    return ds.map_batches(
+        _folder_labels,
+        fn_kwargs={"root": path, "classes": classes},
+        batch_format="numpy",
+        udf_modifying_row_count=False,
+    )
+
+
+def _from_arrays(images: np.ndarray, labels: np.ndarray | None) -> ray.data.Dataset:
+    """A dataset of raw uint8 pixel rows (``[H,W]`` or ``[H,W,C]``) and optional labels, in several blocks."""
+    tables = []
+    for start in range(0, len(images), _BLOCK_ROWS):
+        cols = {
+            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[start : start + _BLOCK_ROWS]))
+        }
+        if labels is not None:
+            cols["label"] = pa.array(np.asarray(labels[start : start + _BLOCK_ROWS], dtype=np.int64))
+        tables.append(pa.table(cols))
+    return ray.data.from_arrow(tables)
+
+
+def _to_uint8_images(arr: np.ndarray, what: str) -> np.ndarray:
+    """Images as uint8 ``[N,H,W]`` or ``[N,H,W,C]`` (C=3/4); accepts NCHW, floats in [0,1] and bools."""
+    if arr.ndim == 4 and arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"source: {what} must hold images [N,H,W], [N,H,W,C] or [N,C,H,W], got {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "f" and arr.size and np.nanmax(arr) <= 1.0:
+        arr = arr * 255.0
+    return np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path, compression=None) as f:
+        data = f.read()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+# --- CIFAR --------------------------------------------------------------------------------------------------
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: only numpy arrays and plain containers, never arbitrary callables."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol <= 2
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _cifar_dir_kind(names: set[str]) -> str | None:
+    if any(_CIFAR10_TRAIN.fullmatch(n) for n in names) or "test_batch" in names:
+        return "cifar10"
+    return "cifar100" if {"train", "test", "meta"} <= names else None
+
+
+def _cifar_wanted(name: str, split: str) -> bool:
+    if split == "train":
+        return bool(_CIFAR10_TRAIN.fullmatch(name)) or name == "train"
+    return name in ("test_batch", "test")
+
+
+def _cifar_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _NumpyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    labels = batch.get(b"labels", batch.get(b"fine_labels"))
+    if b"data" not in batch or labels is None:
+        raise ValueError("source: CIFAR batch lacks b'data' and b'labels'/b'fine_labels'")
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def _cifar_order(name: str) -> int:
+    match = _CIFAR10_TRAIN.fullmatch(name)
+    return int(match.group(1)) if match else 0
+
+
+def _cifar_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 python batches from a ``.tar.gz`` archive or an extracted directory (HWC uint8)."""
+    fs, path = filesystem_and_path(cfg.source)
+    split = cfg.split or "train"
+    found: dict[str, bytes] = {}
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with (
+            fs.open_input_stream(path, compression=None) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+        ):
+            for member in tar:
+                name = posixpath.basename(member.name)
+                if member.isfile() and _cifar_wanted(name, split):
+                    found[name] = tar.extractfile(member).read()
+    else:
+        names = {e.base_name for e in _listdir(fs, path)}
+        if not _cifar_dir_kind(names):
+            sub = [d for d in _CIFAR_DIRS if d in names]
+            if not sub:
+                raise ValueError(f"source: {cfg.source} holds no CIFAR python batches")
+            path = posixpath.join(path, sub[0])
+            names = {e.base_name for e in _listdir(fs, path)}
+        for name in names:
+            if _cifar_wanted(name, split):
+                found[name] = _read_bytes(fs, posixpath.join(path, name))
+    if not found:
+        raise ValueError(f"source: no CIFAR {split!r} batches found in {cfg.source}")
+    parts = [_cifar_batch(found[n]) for n in sorted(found, key=_cifar_order)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# --- IDX (MNIST) --------------------------------------------------------------------------------------------
+
+
+def _parse_idx(data: bytes, path: str) -> np.ndarray:
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"source: {path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    count = int(np.prod(dims))
+    return np.frombuffer(data, dtype=np.uint8, count=count, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _existing(fs: pafs.FileSystem, candidates: list[str]) -> str | None:
+    for candidate in candidates:
+        if fs.get_file_info(candidate).type == pafs.FileType.File:
+            return candidate
+    return None
+
+
+def _idx_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """MNIST-style IDX images (gzip or not) and the paired labels file (``images``->``labels``, idx3->idx1).
+
+    The source is the images file, or a directory with the standard ``train-``/``t10k-`` names (by split).
+    Without a labels file the images are unlabelled.
+    """
+    fs, path = filesystem_and_path(cfg.source)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        stem = "train" if (cfg.split or "train") == "train" else "t10k"
+        names = [f"{stem}-images-idx3-ubyte", f"{stem}-images.idx3-ubyte"]
+        images_path = _existing(fs, [posixpath.join(path, n + gz) for n in names for gz in ("", ".gz")])
+        if images_path is None:
+            raise FileNotFoundError(f"source: no {stem}-images-idx3-ubyte[.gz] in {cfg.source}")
+        path = images_path
+    images = _parse_idx(_read_bytes(fs, path), path)
+    if images.ndim != 3:
+        raise ValueError(f"source: {path} holds a {images.ndim}-d array, expected [N,H,W] images")
+    parent, name = posixpath.split(path)
+    label_name = re.sub(r"\.gz$", "", name.replace("images", "labels").replace("idx3", "idx1"))
+    labels_path = _existing(fs, [posixpath.join(parent, label_name + gz) for gz in ("", ".gz")])
+    if labels_path is None:
+        return images, None
+    labels = _parse_idx(_read_bytes(fs, labels_path), labels_path).astype(np.int64)
+    if labels.shape != (len(images),):
+        raise ValueError(f"source: {labels_path} has {labels.shape} labels for {len(images)} images")
+    return images, labels
+
+
+# --- numpy --------------------------------------------------------------------------------------------------
+
+
+def _numpy_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """``.npy`` (images only) or ``.npz`` with ``images``/``x`` and optional ``labels``/``y`` arrays."""
+    fs, path = filesystem_and_path(cfg.source)
+    loaded = np.load(io.BytesIO(_read_bytes(fs, path)), allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return _to_uint8_images(loaded, path), None
+    keys = {k.lower(): k for k in loaded.files}
+    image_key = keys.get("images", keys.get("x"))
+    if image_key is None:
+        raise ValueError(f"source: {path} has no 'images' or 'x' array (arrays: {loaded.files})")
+    images = _to_uint8_images(loaded[image_key], path)
+    label_key = keys.get("labels", keys.get("y"))
+    labels = None if label_key is None else np.asarray(loaded[label_key]).astype(np.int64).reshape(-1)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"source: {path} has {len(labels)} labels for {len(images)} images")
+    return images, labels

@@ -1,0 +1,153 @@
+"""Real-data streams for ``Method.train_step``: Ray Data shards on workers, in-memory tensors in one process.
+
+Every source yields batches ``{"image": float [N, C, H, W] in [0, 1], "label": int64 [N], "corrupt": bool
+[N]}`` epoch after epoch. :class:`DeviceStreams` drops (and counts) corrupt rows, moves the batch to the
+worker's device, augments it with the rank's generator and normalises it with the teacher's statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rayoodkd.methods.base import RunContext
+
+
+class BatchSource(Protocol):
+    """An endless supply of batches whose position can be saved and restored."""
+
+    def next_batch(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+class EpochSource:
+    """Turns ``epoch_iterator(epoch)`` into an endless source that remembers (epoch, batches consumed)."""
+
+    def __init__(self, epoch_iterator: Callable[[int], Iterator[dict[str, Tensor]]]) -> None:
+        self.epoch_iterator = epoch_iterator
+        self.epoch = 0
+        self.consumed = 0
+        self._iterator: Iterator[dict[str, Tensor]] | None = None
+
+    def next_batch(self) -> dict[str, Tensor]:
+        for _ in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self.epoch_iterator(self.epoch))
+                for _skipped in range(self.consumed):
+                    next(self._iterator)
+            batch = next(self._iterator, None)
+            if batch is not None:
+                self.consumed += 1
+                return batch
+            self._iterator, self.epoch, self.consumed = None, self.epoch + 1, 0
+        raise RuntimeError("data stream is empty: not one full batch per epoch (lower data.batch_size?)")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed, self._iterator = state["epoch"], state["consumed"], None
+
+
+def tensor_source(
+    images: Tensor, labels: Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> EpochSource:
+    """Batches from in-memory tensors: this rank's strided share, reshuffled every epoch from ``seed``.
+
+    Deterministic, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+    images, labels = images[rank::world_size], labels[rank::world_size]
+
+    def epoch_iterator(epoch: int) -> Iterator[dict[str, Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            yield {
+                "image": images[index],
+                "label": labels[index],
+                "corrupt": torch.zeros(len(index), dtype=torch.bool),
+            }
+
+    return EpochSource(epoch_iterator)
+
+
+def ray_shard_source(
+    shard: Any, batch_size: int, shuffle_buffer: int, seed: int, prefetch_batches: int
+) -> EpochSource:
+    """Batches from this worker's ``ray.train.get_dataset_shard(name)``; one pass over the shard per epoch.
+
+    Ray Data hands blocks to workers dynamically, so after a resume the stream continues at the recorded
+    epoch and batch count, but not necessarily with the same images.
+    """
+
+    def epoch_iterator(epoch: int) -> Iterator[dict[str, Tensor]]:
+        return shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=seed * 100_003 + epoch if shuffle_buffer else None,
+            prefetch_batches=prefetch_batches,
+        )
+
+    return EpochSource(epoch_iterator)
+
+
+def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """Random translation by up to 1/8 of the size (zero padding); ``crop_flip`` adds a horizontal flip."""
+    if mode == "none":
+        return images
+    n, _, height, width = images.shape
+    pad = max(1, height // 8)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(images.device)
+    rows = (dy[:, None] + torch.arange(height, device=images.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, :]
+    batch_index = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
+    if mode == "crop_flip":
+        flip = torch.rand(n, generator=generator, device=generator.device).to(images.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+class DeviceStreams:
+    """The :class:`~rayoodkd.methods.base.Streams` a method sees: clean, augmented, normalised, on device."""
+
+    def __init__(self, sources: dict[str, BatchSource], ctx: RunContext, augment_mode: str) -> None:
+        self.sources = sources
+        self.ctx = ctx
+        self.augment_mode = augment_mode
+        self.corrupt_skipped = 0
+
+    def next(self, stream: str) -> dict[str, Tensor]:
+        if stream not in self.sources:
+            raise KeyError(
+                f"stream {stream!r} is not configured; configured: {', '.join(self.sources) or 'none'}"
+            )
+        batch = self.sources[stream].next_batch()
+        keep = ~batch["corrupt"].bool()
+        self.corrupt_skipped += int((~keep).sum())
+        images = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
+        labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
+        images = augment(images, self.augment_mode, self.ctx.generator)
+        return {"image": self.ctx.normalize(images), "label": labels}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "corrupt_skipped": self.corrupt_skipped,
+            **{k: s.state_dict() for k, s in self.sources.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
+        for name, source in self.sources.items():
+            if name in state:
+                source.load_state_dict(state[name])

@@ -1,0 +1,138 @@
+"""The Method contract: a method is pure PyTorch math; the engine owns everything else.
+
+A method builds its players (student, generator, discriminator, ...) and their optimizers in ``__init__``
+and implements one outer iteration of its algorithm in :meth:`Method.train_step`. It never touches Ray,
+DDP, checkpoints or MLflow: the engine wraps the trainable players in DDP (by replacing the attributes named
+by :meth:`Method.players`), checkpoints players, optimizers, schedulers and :meth:`Method.extra_state`, and
+logs whatever ``train_step`` returns.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's hyper-parameter section (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Streams(Protocol):
+    """What ``train_step`` draws real data from: ``next("ood")`` gives the next batch of that stream.
+
+    A batch is ``{"image": float tensor [N, C, H, W] normalised with the teacher's statistics, on the
+    worker's device, "label": int64 tensor [N] (-1 when unlabelled)}``.
+    """
+
+    def next(self, stream: str) -> dict[str, Tensor]: ...
+
+
+@dataclass
+class RunContext:
+    """What the engine tells a method about where it runs."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    generator: torch.Generator
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_steps: int
+    amp_dtype: torch.dtype | None = None
+    scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] -> the teacher's input space."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """Mixed precision for forward passes when ``amp=true`` (bf16 on CPU, fp16 on CUDA)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def randn(self, *shape: int) -> Tensor:
+        """Gaussian noise from this rank's generator (ranks draw different z; resumption is exact)."""
+        return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def step(self, loss: Tensor, optimizer: torch.optim.Optimizer, name: str) -> None:
+        """zero_grad -> backward -> step for one player, through a GradScaler when fp16 AMP is on."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler = self.scalers.get(name)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+class Method(ABC):
+    """One distillation algorithm. Subclasses set ``name``, ``consumes`` and ``Config``."""
+
+    name: ClassVar[str]
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: MethodConfig, ctx: RunContext) -> None:
+        self.teacher = teacher
+        self.student = student
+        self.cfg = cfg
+        self.ctx = ctx
+
+    @abstractmethod
+    def players(self) -> dict[str, nn.Module]:
+        """Trainable players by attribute name; the engine may replace those attributes with DDP wrappers."""
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimizer by player name."""
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Learning-rate schedulers, stepped by the method itself."""
+        return {}
+
+    @abstractmethod
+    def train_step(self, data: Streams) -> dict[str, float]:
+        """One outer iteration -> scalar metrics; ``images`` counts the images the student learnt from."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond players/optimizers/schedulers (pools, selection indices...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`extra_state`."""
+
+    def deployable_student(self) -> nn.Module:
+        """The network a user deploys (e.g. KD3: backbone + projector + the teacher's classifier)."""
+        return unwrap(self.student)
+
+    def samples(self) -> Tensor | None:
+        """A batch in [0, 1] of what the method synthesises (for sample grids), or ``None``."""
+        return None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton KD as coded in MosaicKD/CMI: τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (spec §1.4)."""
+    log_p_student = torch.log_softmax(student_logits / temperature, dim=1)
+    p_teacher = torch.softmax(teacher_logits / temperature, dim=1)
+    return nn.functional.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2

@@ -1,0 +1,107 @@
+"""Config: presets, dotted overrides, and one-line errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rayoodkd.config import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    load_preset,
+    preset_names,
+    resolve_config,
+)
+
+
+def test_required_top_level_keys_exist() -> None:
+    cfg = resolve_config("demo")
+    for key in (
+        "method",
+        "seed",
+        "max_steps",
+        "num_workers",
+        "use_gpu",
+        "tracking_uri",
+        "storage_path",
+        "summary_json",
+    ):
+        assert hasattr(cfg, key)
+
+
+def test_dotted_overrides_are_parsed_as_yaml_values() -> None:
+    cfg = resolve_config(
+        "demo",
+        ["seed=3", "data.batch_size=64", "kd_ood.temperature=2.5", "use_gpu=true", "summary_json=null"],
+    )
+    assert (cfg.seed, cfg.data.batch_size, cfg.kd_ood.temperature, cfg.use_gpu) == (3, 64, 2.5, True)
+    assert cfg.summary_json is None
+
+
+def test_override_creates_nested_sections() -> None:
+    data = apply_overrides({}, ["data.ood.source=letters", "data.ood.num_images=10"])
+    assert data == {"data": {"ood": {"source": "letters", "num_images": 10}}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("foo=1", "unknown key 'foo'; allowed keys: "),
+        ("data.bar=1", "unknown key 'data.bar'; allowed keys under 'data': augment, batch_size"),
+        ("seed=abc", "invalid value for 'seed'"),
+        ("method=nope", "unknown method 'nope'; allowed: kd_id, kd_ood"),
+        ("backend=mpi", "invalid value for 'backend': Input should be 'auto', 'gloo' or 'nccl'"),
+        ("kd_ood.temperature=0", "invalid value for 'kd_ood.temperature'"),
+        ("data.ood.format=tiff", "invalid value for 'data.ood.format'"),
+        ("noequals", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_config("demo", [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_every_preset_validates_and_extends_resolve() -> None:
+    assert "demo" in preset_names()
+    for name in preset_names():
+        data = load_preset(name)
+        assert "extends" not in data
+        build_config(data)
+
+
+def test_yaml_file_config(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"extends": "demo", "seed": 7, "kd_ood": {"lr": 0.01}}))
+    cfg = resolve_config(str(path))
+    assert (cfg.seed, cfg.kd_ood.lr, cfg.kd_ood.temperature) == (7, 0.01, 5.0)
+
+
+def test_cli_bad_override_exits_nonzero_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rayoodkd.train", "data.nope=1"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'data.nope'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_print_config_and_help() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "rayoodkd.train", "--print-config", "seed=5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0
+    assert yaml.safe_load(shown.stdout)["seed"] == 5
+    helped = subprocess.run(
+        [sys.executable, "-m", "rayoodkd.train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert "presets: " in helped.stdout and "demo" in helped.stdout and "summary_json" in helped.stdout

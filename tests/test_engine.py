@@ -1,0 +1,135 @@
+"""The engine in one process (LocalSession): learning, exact resumption, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayoodkd.config import resolve_config
+from rayoodkd.engine.checkpoint import load_state
+from rayoodkd.engine.evaluation import evaluate
+from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.session import LocalSession
+from rayoodkd.engine.streams import augment, tensor_source
+from rayoodkd.methods import METHODS
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 28, 28, generator=generator)
+    return images, torch.randint(0, 10, (n,), generator=generator)
+
+
+def _session(tmp_path: Path, resume_from: Path | None = None) -> LocalSession:
+    ood = _blobs(256, 1)
+    return LocalSession(
+        streams={"ood": (ood[0], torch.full((256,), -1)), "labelled": _blobs(256, 2)},
+        eval_sets={"val": _blobs(64, 3), "test": _blobs(64, 4)},
+        checkpoint_root=tmp_path,
+        resume_from=resume_from,
+    )
+
+
+def _config(teacher: Path, method: str = "kd_ood", **extra: object) -> dict:
+    overrides = [
+        f"method={method}",
+        "max_steps=8",
+        "eval.every=4",
+        "log_every=2",
+        "data.batch_size=32",
+        f"teacher.checkpoint={teacher}",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return {
+        "config": resolve_config("demo", overrides).model_dump(mode="json"),
+        "teacher_path": str(teacher),
+        "tracking_uri": None,
+        "mlflow_run_id": None,
+    }
+
+
+@pytest.mark.parametrize("method", ["kd_ood", "kd_id"])
+def test_resumed_run_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path, method: str) -> None:
+    straight = _session(tmp_path / "a")
+    run_worker(_config(tiny_teacher, method), straight)
+    resumed = _session(tmp_path / "b", resume_from=straight.checkpoints[0])
+    run_worker(_config(tiny_teacher, method), resumed)
+    assert resumed.reports[-1]["resumed_from_step"] == 4
+    for key in ("loss/kd", "val/top1", "test/top1"):
+        assert resumed.reports[-1][key] == pytest.approx(straight.reports[-1][key], rel=1e-6)
+    final_a = load_state(straight.checkpoints[-1])["players"]["student"]
+    final_b = load_state(resumed.checkpoints[-1])["players"]["student"]
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=0)
+
+
+def test_kd_loss_decreases_and_checkpoint_is_complete(tmp_path: Path, tiny_teacher: Path) -> None:
+    session = _session(tmp_path)
+    config = _config(tiny_teacher, max_steps=60, **{"eval.every": 30, "log_every": 10})
+    run_worker(config, session)
+    first, last = session.reports[0]["loss/kd"], session.reports[-1]["loss/kd"]
+    assert last < 0.7 * first
+    state = load_state(session.checkpoints[-1])
+    assert state["step"] == 60
+    assert set(state) >= {
+        "players",
+        "optimizers",
+        "schedulers",
+        "ranks",
+        "config",
+        "teacher_hash",
+        "versions",
+    }
+    assert session.reports[-1]["student/changed_from_init"] == 1.0
+    assert session.reports[-1]["val/agreement"] > session.reports[0]["val/agreement"] - 1e-9
+
+
+def test_injected_failure_only_on_fresh_attempt(tmp_path: Path, tiny_teacher: Path) -> None:
+    first = _session(tmp_path / "a")
+    with pytest.raises(InjectedFailure):
+        run_worker(_config(tiny_teacher, **{"debug.fail_at_step": 6}), first)
+    assert [r["step"] for r in first.reports] == [4]
+    retry = _session(tmp_path / "b", resume_from=first.checkpoints[-1])
+    run_worker(_config(tiny_teacher, **{"debug.fail_at_step": 6}), retry)
+    assert retry.reports[-1]["step"] == 8 and retry.reports[-1]["resumed_from_step"] == 4
+
+
+def test_every_method_is_registered_with_a_config() -> None:
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        assert method.name == name
+        method.Config()
+
+
+def test_evaluate_counts_exactly() -> None:
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long(), 10).float()
+
+    images = torch.arange(10).float().view(10, 1, 1, 1).expand(10, 1, 2, 2).clone()
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])
+    result = evaluate(Fixed(), images, labels, teacher=Fixed(), batch_size=3)
+    assert result["top1"] == pytest.approx(80.0)
+    assert result["agreement"] == pytest.approx(100.0)
+
+
+def test_tensor_source_reshuffles_per_epoch_and_resumes_mid_epoch() -> None:
+    images, labels = torch.arange(12).float().view(12, 1, 1, 1), torch.arange(12)
+    source = tensor_source(images, labels, batch_size=4, seed=0)
+    epoch0 = [source.next_batch()["label"].tolist() for _ in range(3)]
+    epoch1_first = source.next_batch()["label"].tolist()
+    assert sorted(label for batch in epoch0 for label in batch) == list(range(12))
+    assert epoch1_first != epoch0[0]
+    copy = tensor_source(images, labels, batch_size=4, seed=0)
+    copy.load_state_dict(source.state_dict())
+    assert copy.next_batch()["label"].tolist() == source.next_batch()["label"].tolist()
+
+
+def test_augment_translates_without_changing_content_mass() -> None:
+    images = torch.zeros(16, 1, 28, 28)
+    images[:, :, 10:18, 10:18] = 1.0
+    out = augment(images, "crop", torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
+    assert not torch.equal(out, images)
