@@ -20,7 +20,7 @@ import torch
 
 from rayoodkd.config import resolve_config
 from rayoodkd.data import builtin_arrays
-from rayoodkd.engine.streams import augment
+from rayoodkd.engine.streams import augment_batch
 from rayoodkd.launch import launch
 from rayoodkd.methods import kd_loss
 from rayoodkd.models import build_classifier
@@ -39,7 +39,7 @@ def plain_loop(teacher_path: str, steps: int, batch_size: int, threads: int) -> 
     for step in range(steps):
         started = time.perf_counter()
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x = (augment(images[index], "crop", generator) - mean) / std
+        x = (augment_batch(images[index], "crop", generator) - mean) / std
         with torch.no_grad():
             t = teacher(x)
         loss = kd_loss(student(x), t, 5.0)

@@ -73,11 +73,17 @@ class RunSummary:
         return "\n".join([line, *(f"{k.ljust(width)}  {v}" for k, v in rows), line])
 
 
-def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> dict[str, Any]:
+def _keep_intact(batch: dict[str, Any]) -> dict[str, Any]:
+    keep = ~batch["corrupt"]
+    return {key: value[keep] for key, value in batch.items()}
+
+
+def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """The Ray datasets of the run and, for materialised ones, how many corrupt images each held."""
     from rayoodkd.data import load_corpus
 
     consumes = METHODS.get(cfg.method).consumes
-    datasets = {}
+    datasets, corrupt = {}, {}
     for name in [*sorted(consumes), "val", "test"]:
         corpus = getattr(cfg.data, name)
         if corpus is None:
@@ -90,8 +96,11 @@ def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> dict[str, A
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
+            corrupt[name] = int(dataset.sum("corrupt") or 0)
+            if corrupt[name]:
+                dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
         datasets[name] = dataset
-    return datasets
+    return datasets, corrupt
 
 
 def _mlflow_run(
@@ -140,7 +149,10 @@ def launch(
         f"run {run_name}: {'resuming' if resumed else 'starting'}; "
         f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
     )
-    datasets = _datasets(cfg, info.image_size, info.channels)
+    datasets, corrupt_images = _datasets(cfg, info.image_size, info.channels)
+    if corrupt_images:
+        tracker.log_metrics({f"data/{name}/corrupt_images": n for name, n in corrupt_images.items()}, 0)
+        log("corrupt images skipped: " + ", ".join(f"{name} {n}" for name, n in corrupt_images.items()))
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
@@ -188,7 +200,7 @@ def launch(
         wall_seconds=time.perf_counter() - started,
         num_workers=cfg.num_workers,
         resumed_from_step=int(metrics["resumed_from_step"]),
-        corrupt_skipped=int(metrics.get("data/corrupt_skipped", 0)),
+        corrupt_skipped=sum(corrupt_images.values()) + int(metrics.get("data/corrupt_skipped", 0)),
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.tracking_uri,
         checkpoint=result.checkpoint.path if result.checkpoint else "",

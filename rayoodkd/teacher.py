@@ -29,7 +29,7 @@ from rayoodkd.config import ConfigError, TeacherConfig, TeacherRecipe, apply_ove
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.engine.checkpoint import state_dict_hash
 from rayoodkd.engine.evaluation import evaluate
-from rayoodkd.engine.streams import augment, tensor_source
+from rayoodkd.engine.streams import augment_batch, tensor_source
 from rayoodkd.models import build_classifier
 
 FORMAT = "rayoodkd.teacher/1"
@@ -165,7 +165,7 @@ def train_teacher(
         model.train()
         for _ in range(steps_per_epoch):
             batch = source.next_batch()
-            x = normalize(augment(batch["image"], recipe.augment, generator))
+            x = normalize(augment_batch(batch["image"], recipe.augment, generator))
             loss = nn.functional.cross_entropy(model(x), batch["label"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,7 +12,7 @@ from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.engine.streams import augment, tensor_source
+from rayoodkd.engine.streams import augment_batch, tensor_source
 from rayoodkd.methods import METHODS
 
 
@@ -129,7 +129,7 @@ def test_tensor_source_reshuffles_per_epoch_and_resumes_mid_epoch() -> None:
 def test_augment_translates_without_changing_content_mass() -> None:
     images = torch.zeros(16, 1, 28, 28)
     images[:, :, 10:18, 10:18] = 1.0
-    out = augment(images, "crop", torch.Generator().manual_seed(0))
+    out = augment_batch(images, "crop", torch.Generator().manual_seed(0))
     assert out.shape == images.shape
     assert torch.allclose(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
     assert not torch.equal(out, images)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from rayoodkd.config import resolve_config
+from rayoodkd.data import builtin_arrays
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.launch import launch
 
@@ -33,8 +35,21 @@ def _tiny(tmp_path: Path, teacher: Path, **extra: object):
     return resolve_config("demo", overrides)
 
 
+def _letter_folder(root: Path, corrupt: int) -> Path:
+    """An OOD image folder (flat) of rendered letters plus ``corrupt`` broken files."""
+    images, _ = builtin_arrays("letters", None, 600, seed=3)
+    root.mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(root / f"{index:04d}.png")
+    for index in range(corrupt):
+        (root / f"broken_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
+    return root
+
+
 def test_two_worker_ddp_run_logs_to_mlflow(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
-    summary = launch(_tiny(tmp_path, tiny_teacher, run_name="ddp"))
+    folder = _letter_folder(tmp_path / "ood", corrupt=3)
+    summary = launch(_tiny(tmp_path, tiny_teacher, run_name="ddp", **{"data.ood.source": folder}))
+    assert summary.corrupt_skipped == 3
     written = json.loads((tmp_path / "summary.json").read_text())
     for key in (
         "method",

@@ -99,7 +99,7 @@ def ray_shard_source(
     return EpochSource(epoch_iterator)
 
 
-def augment(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+def augment_batch(images: Tensor, mode: str, generator: torch.Generator) -> Tensor:
     """Random translation by up to 1/8 of the size (zero padding); ``crop_flip`` adds a horizontal flip."""
     if mode == "none":
         return images
@@ -127,7 +127,7 @@ class DeviceStreams:
         self.augment_mode = augment_mode
         self.corrupt_skipped = 0
 
-    def next(self, stream: str) -> dict[str, Tensor]:
+    def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
         if stream not in self.sources:
             raise KeyError(
                 f"stream {stream!r} is not configured; configured: {', '.join(self.sources) or 'none'}"
@@ -137,7 +137,8 @@ class DeviceStreams:
         self.corrupt_skipped += int((~keep).sum())
         images = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
         labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
-        images = augment(images, self.augment_mode, self.ctx.generator)
+        if augment:
+            images = augment_batch(images, self.augment_mode, self.ctx.generator)
         return {"image": self.ctx.normalize(images), "label": labels}
 
     def state_dict(self) -> dict[str, Any]:

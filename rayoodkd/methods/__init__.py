@@ -1,7 +1,13 @@
-"""Distillation methods. Importing this package registers every method in :data:`METHODS`."""
+"""Distillation methods, one module each. Importing this package registers every method in :data:`METHODS`."""
 
-from rayoodkd.methods import kd
+import importlib
+import pkgutil
+
 from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss, unwrap
 from rayoodkd.methods.registry import METHODS
 
-__all__ = ["METHODS", "Method", "MethodConfig", "RunContext", "Streams", "kd", "kd_loss", "unwrap"]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Method", "MethodConfig", "RunContext", "Streams", "kd_loss", "unwrap"]

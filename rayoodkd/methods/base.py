@@ -10,7 +10,7 @@ logs whatever ``train_step`` returns.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -29,10 +29,11 @@ class Streams(Protocol):
     """What ``train_step`` draws real data from: ``next("ood")`` gives the next batch of that stream.
 
     A batch is ``{"image": float tensor [N, C, H, W] normalised with the teacher's statistics, on the
-    worker's device, "label": int64 tensor [N] (-1 when unlabelled)}``.
+    worker's device, "label": int64 tensor [N] (-1 when unlabelled)}``; ``augment=False`` skips the
+    configured ``data.augment`` (e.g. MosaicKD's discriminator view of the OOD set).
     """
 
-    def next(self, stream: str) -> dict[str, Tensor]: ...
+    def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]: ...
 
 
 @dataclass
@@ -67,6 +68,15 @@ class RunContext:
     def randn(self, *shape: int) -> Tensor:
         """Gaussian noise from this rank's generator (ranks draw different z; resumption is exact)."""
         return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def no_sync(self, *modules: nn.Module) -> AbstractContextManager[Any]:
+        """Skip DDP's gradient all-reduce for ``modules`` (e.g. D and S while backpropagating G's loss:
+        their gradients are zeroed before their own steps anyway)."""
+        stack = ExitStack()
+        for module in modules:
+            if hasattr(module, "no_sync"):
+                stack.enter_context(module.no_sync())
+        return stack
 
     def step(self, loss: Tensor, optimizer: torch.optim.Optimizer, name: str) -> None:
         """zero_grad -> backward -> step for one player, through a GradScaler when fp16 AMP is on."""
