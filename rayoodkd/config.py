@@ -44,10 +44,10 @@ class TeacherRecipe(Section):
     num_classes: int = Field(10, ge=2)
     image_size: int = Field(28, ge=8)
     channels: Literal[1, 3] = 1
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
     augment: Literal["none", "crop", "crop_flip"] = "crop"
     seed: int = 0
 

@@ -150,7 +150,7 @@ def launch(
         f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
     )
     datasets, corrupt_images = _datasets(cfg, info.image_size, info.channels)
-    if corrupt_images:
+    if any(corrupt_images.values()):
         tracker.log_metrics({f"data/{name}/corrupt_images": n for name, n in corrupt_images.items()}, 0)
         log("corrupt images skipped: " + ", ".join(f"{name} {n}" for name, n in corrupt_images.items()))
     resources = {"CPU": cfg.resources.cpus_per_worker}

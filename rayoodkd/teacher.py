@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rayoodkd.config import ConfigError, TeacherConfig, TeacherRecipe, apply_overrides
+from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.engine.checkpoint import state_dict_hash
 from rayoodkd.engine.evaluation import evaluate
@@ -48,13 +48,6 @@ class TeacherInfo:
     accuracy: dict[str, float] = field(default_factory=dict)
     content_hash: str = ""
     recipe: dict[str, Any] = field(default_factory=dict)
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """``cache_dir``, else ``$RAYOODKD_CACHE``, else ``~/.cache/rayoodkd``."""
-    return Path(
-        cache_dir or os.environ.get("RAYOODKD_CACHE") or Path.home() / ".cache" / "rayoodkd"
-    ).expanduser()
 
 
 def save_teacher(path: str | Path, model: nn.Module, info: TeacherInfo) -> Path:

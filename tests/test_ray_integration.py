@@ -13,6 +13,7 @@ from PIL import Image
 from rayoodkd.config import resolve_config
 from rayoodkd.data import builtin_arrays
 from rayoodkd.engine.checkpoint import load_state
+from rayoodkd.evaluate import evaluate_checkpoint
 from rayoodkd.launch import launch
 
 pytestmark = pytest.mark.ray
@@ -78,12 +79,33 @@ def test_two_worker_ddp_run_logs_to_mlflow(tmp_path: Path, tiny_teacher: Path, r
     artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
     assert {"summary.json", "summary.txt", "checkpoint"} <= artifacts
 
+    table = evaluate_checkpoint(summary.checkpoint)
+    assert table["final"]["test/top1"] == pytest.approx(summary.student_accuracy)
+    assert table["teacher"]["test/top1"] == pytest.approx(summary.teacher_accuracy)
+    assert table["best_val"]["val/top1"] == pytest.approx(summary.best_val_accuracy)
 
-def test_worker_failure_resumes_from_checkpoint(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
-    summary = launch(
-        _tiny(tmp_path, tiny_teacher, run_name="fails", max_failures=1, **{"debug.fail_at_step": 10})
+
+def test_worker_failure_resumes_and_relaunch_continues_on_file_uri(
+    tmp_path: Path, tiny_teacher: Path, ray_local
+) -> None:
+    storage = (tmp_path / "elsewhere").as_uri()
+    failing = _tiny(
+        tmp_path,
+        tiny_teacher,
+        run_name="fails",
+        max_failures=1,
+        storage_path=storage,
+        **{"debug.fail_at_step": 10},
     )
+    summary = launch(failing)
     assert summary.steps == 12
     assert summary.resumed_from_step == 8
+    assert summary.checkpoint.startswith(str(tmp_path / "elsewhere" / "fails"))
     history = MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "val/top1")
     assert [m.step for m in history] == [4, 8, 12]
+
+    longer = launch(failing.model_copy(update={"max_steps": 16}))
+    assert longer.resumed_from_step == 12 and longer.steps == 16
+    assert longer.mlflow_run_id == summary.mlflow_run_id
+    history = MlflowClient(summary.tracking_uri).get_metric_history(summary.mlflow_run_id, "val/top1")
+    assert [m.step for m in history] == [4, 8, 12, 16]
