@@ -96,7 +96,8 @@ def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> tuple[dict[
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
-            corrupt[name] = int(dataset.sum("corrupt") or 0)
+            flags = dataset.select_columns(["corrupt"]).iter_batches(batch_size=None, batch_format="numpy")
+            corrupt[name] = sum(int(batch["corrupt"].sum()) for batch in flags)
             if corrupt[name]:
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
         datasets[name] = dataset

@@ -231,10 +231,7 @@ class Worker:
             report.update(self._final_metrics(student))
         samples = self.method.samples()
         if self.tracker is not None:
-            self.tracker.log_metrics(
-                {k: v for k, v in report.items() if k.startswith(("val", "best", "test", "teacher"))},
-                self.step,
-            )
+            self.tracker.log_metrics({k: v for k, v in report.items() if k not in metrics}, self.step)
             if samples is not None:
                 self.tracker.log_image_grid(samples[:64], f"samples/step_{self.step:07d}.png")
         payload = self._payload()
