@@ -195,8 +195,9 @@ class _Fixed(nn.Module):
         return self.logits[index] + 0 * x.sum()
 
 
-def test_train_step_wires_the_reductions_and_weights() -> None:
-    method = _method(num_classes=2, local_weight=0.5, align_weight=2.0, balance_weight=10.0, adv_weight=1.0)
+@pytest.mark.parametrize(("reduction", "patches"), [("sum", 1), ("mean", 4)])
+def test_train_step_wires_the_reductions_and_weights(reduction: str, patches: int) -> None:
+    method = _method(num_classes=2, local_weight=0.5, align_weight=2.0, local_reduction=reduction)
     patch_logits = torch.tensor([[[[0.0, 1.0], [-1.0, 2.0]]]])
     teacher_logits = torch.tensor([[0.0, 0.0], [math.log(1 / 4), math.log(3 / 4)]])
     method.discriminator = _Fixed(patch_logits)
@@ -204,16 +205,26 @@ def test_train_step_wires_the_reductions_and_weights() -> None:
     method.student = _Fixed(teacher_logits)  # S = T on every image: L_adv = 0, L_kd = 0
     metrics = method.train_step(FakeStreams(method.ctx, batch=4))
     d = patch_logits.expand(4, 1, 2, 2)
-    assert metrics["loss/local"] == pytest.approx(patch_bce(d, True, 4).item())
-    expected_d = 0.5 * (patch_bce(d, False, 8) + patch_bce(d, True, 8)).item()
+    assert metrics["loss/local"] == pytest.approx(patch_bce(d, True, 4).item() / patches)
+    expected_d = 0.5 * (patch_bce(d, False, 8) + patch_bce(d, True, 8)).item() / patches
     assert metrics["loss/d"] == pytest.approx(expected_d)
     assert metrics["loss/align"] == pytest.approx(align_loss(teacher_logits).item())
     assert metrics["loss/balance"] == pytest.approx(balance_loss(teacher_logits).item())
-    assert metrics["loss/adv"] == pytest.approx(0.0, abs=1e-7) and metrics["loss/kd"] == pytest.approx(
-        0.0, abs=1e-7
-    )
+    assert metrics["loss/adv"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics["loss/kd"] == pytest.approx(0.0, abs=1e-7)
     expected_g = 2.0 * metrics["loss/align"] + 0.5 * metrics["loss/local"] + 10.0 * metrics["loss/balance"]
     assert metrics["loss/g"] == pytest.approx(expected_g)
+
+
+def test_ood_kd_normalizer_renormalises_the_kd_view_only() -> None:
+    method = _method(ood_kd_normalizer=((0.2,), (0.5,)))
+    data = FakeStreams(method.ctx)
+    kd_view = method._ood_for_kd(data)
+    data.generator.manual_seed(0)
+    unit = torch.rand(8, 1, SIZE, SIZE, generator=data.generator)
+    torch.testing.assert_close(kd_view, (unit - 0.2) / 0.5)
+    with pytest.raises(ConfigError, match="one value per channel"):
+        resolve_config("demo", ["method=mosaickd", "mosaickd.ood_kd_normalizer=[[0.1, 0.2], [0.3]]"])
 
 
 # ---------------------------------------------------------------------------------------------- ablations

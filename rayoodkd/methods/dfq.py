@@ -64,7 +64,9 @@ class DFQConfig(MethodConfig):
     balance_log_base: Literal["e", "10"] = Field("e", description="'e' (toolkit) or '10' (MosaicKD)")
     temperature: float = Field(20.0, gt=0, description="τ of the student KD (toolkit: 20)")
     adv_temperature: float = Field(
-        1.0, gt=0, description="τ of the adversarial term (MosaicKD: 1; the toolkit's τ=20 diverges, see docs)"
+        1.0,
+        gt=0,
+        description="τ of the adversarial term (MosaicKD: 1; the toolkit's τ=20 diverges, see docs)",
     )
     student_optimizer: Literal["sgd", "adam"] = "sgd"
     lr_s: float = Field(0.1, gt=0)
