@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from rayoodkd.models import build_classifier
 from rayoodkd.teacher import TeacherInfo, save_teacher
@@ -27,6 +28,19 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_classifier("lenet5", num_classes=10, in_channels=1, image_size=28)
     info = TeacherInfo("lenet5", 10, 1, 28, (0.13,), (0.31,))
     return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", model, info)
+
+
+@pytest.fixture(scope="session")
+def bn_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ``cnn_small`` (conv-BN) teacher for 1×28×28 inputs, with non-trivial BN running stats."""
+    torch.manual_seed(0)
+    model = build_classifier("cnn_small", num_classes=10, in_channels=1, image_size=28)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    info = TeacherInfo("cnn_small", 10, 1, 28, (0.13,), (0.31,))
+    return save_teacher(tmp_path_factory.mktemp("bn_teacher") / "teacher.pt", model, info)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from rayoodkd.methods import tadfkd as tadfkd_module
 from rayoodkd.methods.losses import BNStatistics, balance_loss, jsdiv, l2_prior, onehot_loss, tv_prior
 from rayoodkd.methods.tadfkd import Selection, fill_selected_batch, gmm_select, teacher_losses
 from rayoodkd.models import build_classifier
-from rayoodkd.teacher import TeacherInfo, load_teacher, save_teacher
+from rayoodkd.teacher import load_teacher
 
 MEAN, STD = (0.13,), (0.31,)
 
@@ -39,19 +39,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bn_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained ``cnn_small`` (conv-BN) teacher for 1×28×28 inputs, with non-trivial BN running stats."""
-    torch.manual_seed(0)
-    model = build_classifier("cnn_small", num_classes=10, in_channels=1, image_size=28)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    info = TeacherInfo("cnn_small", 10, 1, 28, MEAN, STD)
-    return save_teacher(tmp_path_factory.mktemp("bn_teacher") / "teacher.pt", model, info)
 
 
 def _context(seed: int = 0, max_steps: int = 10) -> RunContext:

@@ -1,0 +1,648 @@
+"""``python -m rayoodkd.tune``: hyperparameter sweeps with Ray Tune and ASHA, one MLflow child run per trial.
+
+A *tune space* YAML (``tune_spaces/*.yaml``) names a base preset, fixed overrides, a search space over any
+run-config key, the metric, the ASHA settings and what every trial may use. Each trial is a full rayoodkd run
+(its own TorchTrainer with 1..N workers, launched from a Tune function trainable, the Ray Train V2 pattern of
+spec/ray.md §3.1) that reports validation metrics at every evaluation, so ASHA can stop it early.
+
+Layout under ``<storage_path>/<name>/``: ``sweep.json`` (the resolved space and the parent MLflow run),
+``tune/`` (Tune's experiment, what ``--resume`` restores) and ``trials/`` (one Train run per trial, named
+after the trial ID, so a restarted trial resumes from its own checkpoint). The output directory gets
+``results.csv`` and ``best.yaml``, a preset that ``python -m rayoodkd.train --config DIR/best.yaml`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from rayoodkd.config import (
+    ConfigError,
+    Section,
+    build_config,
+    build_section,
+    flatten,
+    load_preset,
+    parse_override,
+    set_dotted,
+    to_yaml,
+)
+from rayoodkd.storage import is_uri, local_path, ray_storage_path, read_json, write_json
+
+SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+SWEEP_FILE = "sweep.json"
+# What each search-space kind takes: ``{kind: [args]}`` in the YAML (``{grid: [2, 4, 8]}``).
+DOMAIN_ARITY = {
+    "choice": None,
+    "grid": None,
+    "uniform": 2,
+    "quniform": 3,
+    "loguniform": 2,
+    "qloguniform": 3,
+    "randint": 2,
+    "qrandint": 3,
+}
+EVAL_METRICS = ("val/top1", "val/top5", "val/agreement", "best_val/top1")
+
+
+class SchedulerSpace(Section):
+    """Early stopping: ``asha`` (async successive halving) or ``fifo`` (every trial runs to the end)."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    time_attr: Literal["step", "training_iteration"] = Field(
+        "step", description="training steps, or evaluations reported (training_iteration)"
+    )
+    max_t: int | None = Field(None, ge=1, description="null: the base run's max_steps (or its evaluations)")
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class TrialResources(Section):
+    """What one trial uses. Train workers reserve their own placement group outside Tune's accounting."""
+
+    num_workers: int | None = Field(None, ge=0, description="null: the base config's num_workers")
+    cpus_per_worker: float | None = Field(None, gt=0)
+    gpus_per_worker: float | None = Field(None, ge=0)
+    driver_cpus: float = Field(0.5, gt=0, description="the Tune trial itself, which drives the TorchTrainer")
+
+
+class SweepSpace(Section):
+    """A tune space file, validated (every error names its key)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    base: str = "demo"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, dict[str, Any]]
+    metric: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerSpace = SchedulerSpace()
+    num_samples: int = Field(1, ge=1, description="repeats of the grid, or random samples")
+    trial: TrialResources = TrialResources()
+    max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster's CPUs allow")
+    max_failures: int = Field(0, ge=0, description="Tune-level retries of a crashed trial")
+
+    @field_validator("search")
+    @classmethod
+    def _domains(cls, search: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not search:
+            raise ValueError("needs at least one KEY: {kind: args}")
+        for key, domain in search.items():
+            _check_domain(key, domain)
+        return search
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in EVAL_METRICS and not metric.startswith("loss/"):
+            raise ValueError(f"allowed: {', '.join(EVAL_METRICS)} or a loss/* metric")
+        return metric
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SweepSpace:
+        both = sorted(set(self.overrides) & set(self.search))
+        if both:
+            raise ValueError(f"keys both fixed in overrides and searched: {', '.join(both)}")
+        return self
+
+
+def _check_domain(key: str, domain: Any) -> None:
+    kinds = ", ".join(DOMAIN_ARITY)
+    if not isinstance(domain, dict) or len(domain) != 1 or next(iter(domain)) not in DOMAIN_ARITY:
+        raise ValueError(f"{key}: expected one of {{{kinds}}}: ARGS, got {domain!r}")
+    kind, args = next(iter(domain.items()))
+    arity = DOMAIN_ARITY[kind]
+    if not isinstance(args, list) or not args or (arity is not None and len(args) != arity):
+        expected = "a non-empty list" if arity is None else f"a list of {arity} numbers"
+        raise ValueError(f"{key}: {kind} takes {expected}, got {args!r}")
+    if arity is not None and args[0] >= args[1]:
+        raise ValueError(f"{key}: {kind} needs low < high, got {args!r}")
+    if kind.endswith("loguniform") and args[0] <= 0:
+        raise ValueError(f"{key}: {kind} needs low > 0, got {args!r}")
+
+
+def _to_tune(domain: dict[str, Any]) -> Any:
+    from ray import tune
+
+    kind, args = next(iter(domain.items()))
+    if kind == "grid":
+        return tune.grid_search(list(args))
+    return getattr(tune, kind)(*args) if kind != "choice" else tune.choice(list(args))
+
+
+def _representatives(domain: dict[str, Any]) -> list[Any]:
+    """Values that exercise a domain's edges, to validate the key before any trial starts."""
+    kind, args = next(iter(domain.items()))
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind in ("randint", "qrandint"):
+        return [int(args[0]), int(args[1]) - 1]
+    return [args[0], args[1]]
+
+
+def find_space(ref: str) -> Path:
+    """A space file: a path, or a name in ``./tune_spaces`` or the repository's ``tune_spaces``."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    for directory in (Path("tune_spaces"), SPACE_DIR):
+        candidate = directory / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml")
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in SPACE_DIR.glob("*.yaml"))
+    raise ConfigError(f"--space: no such file or space {ref!r}; shipped spaces: {', '.join(names)}")
+
+
+def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace, dict[str, Any]]:
+    """The validated space and the base run config (as a dict) every trial starts from.
+
+    An override whose first part is a space key (``num_samples=8``, ``scheduler.grace_period=2``) changes the
+    space; any other (``max_steps=200``, ``mosaickd.kd_steps=2``) is a fixed override of every trial.
+    """
+    path = find_space(ref)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--space {path}: the YAML must be a mapping of keys")
+    data.setdefault("name", path.stem)
+    data["overrides"] = dict(data.get("overrides") or {})
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        if key_path[0] in SweepSpace.model_fields and key_path[0] != "overrides":
+            set_dotted(data, key_path, value)
+        else:
+            data["overrides"][".".join(key_path)] = value
+    space = build_section(SweepSpace, data)
+    base_ref = space.base
+    if base_ref.endswith((".yaml", ".yml")) and not Path(base_ref).is_absolute():
+        beside = path.parent / base_ref
+        base_ref = str(beside) if beside.is_file() else base_ref
+    base = load_preset(base_ref)
+    base.pop("run_name", None)
+    for key, value in space.overrides.items():
+        set_dotted(base, key.split("."), value)
+    for key, config_key in (
+        ("num_workers", "num_workers"),
+        ("cpus_per_worker", "resources.cpus_per_worker"),
+        ("gpus_per_worker", "resources.gpus_per_worker"),
+    ):
+        value = getattr(space.trial, key)
+        if value is not None:
+            set_dotted(base, config_key.split("."), value)
+    if space.trial.gpus_per_worker:
+        base["use_gpu"] = True
+    build_config(base)
+    for key, domain in space.search.items():
+        for value in _representatives(domain):
+            trial = copy.deepcopy(base)
+            set_dotted(trial, key.split("."), value)
+            try:
+                build_config(trial)
+            except ConfigError as error:
+                raise ConfigError(f"search.{key} = {value!r}: {error}") from None
+    return space, base
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """The run config (as a dict) of one trial: the base with the sampled values set."""
+    data = copy.deepcopy(base)
+    for key, value in sampled.items():
+        set_dotted(data, key.split("."), value)
+    return data
+
+
+@dataclass
+class SweepPaths:
+    """Where a sweep lives (any storage) and where its tables go (local)."""
+
+    root: str
+    tracking_uri: str
+
+    @property
+    def tune_storage(self) -> str:
+        return self.root
+
+    @property
+    def tune_experiment(self) -> str:
+        return f"{self.root}/tune"
+
+    @property
+    def trials(self) -> str:
+        return f"{self.root}/trials"
+
+
+def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, str]) -> None:
+    """One trial (a Tune function trainable): a full rayoodkd run whose reports go to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayoodkd.launch import launch
+
+    trial_id = tune.get_context().get_trial_id()
+    data = trial_config(base, config["search"])
+    data.update(
+        run_name=f"{sweep['name']}-{trial_id}",
+        storage_path=sweep["trials"],
+        tracking_uri=sweep["tracking_uri"],
+        summary_json=None,
+    )
+    sampled = ", ".join(f"{k}={v}" for k, v in config["search"].items())
+    launch(
+        build_config(data),
+        callbacks=[TuneReportCallback()],
+        mlflow_tags={
+            "mlflow.parentRunId": sweep["parent_run_id"],
+            "sweep": sweep["name"],
+            "trial_id": trial_id,
+            "sampled": sampled,
+        },
+    )
+
+
+@dataclass
+class TrialRow:
+    """One line of ``results.csv``."""
+
+    trial_id: str
+    sampled: dict[str, Any]
+    metric: float
+    best_val: float
+    steps: int
+    max_steps: int
+    stopped_early: bool
+    status: str
+    checkpoint: str
+    mlflow_run_id: str
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep reports."""
+
+    space: SweepSpace
+    rows: list[TrialRow]
+    best: TrialRow | None
+    best_config: dict[str, Any] | None
+    parent_run_id: str
+    tracking_uri: str
+    experiment_path: str
+
+    def table(self) -> str:
+        keys = list(self.space.search)
+        header = ["trial", *keys, self.space.metric, "best_val/top1", "steps", "stopped by ASHA", "status"]
+        lines = [
+            [
+                row.trial_id,
+                *(_fmt(row.sampled.get(k)) for k in keys),
+                _fmt(row.metric),
+                _fmt(row.best_val),
+                f"{row.steps}/{row.max_steps}",
+                "yes" if row.stopped_early else "no",
+                row.status,
+            ]
+            for row in self.rows
+        ]
+        widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=False)]
+        render = [
+            "  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *lines]
+        ]
+        spent = sum(row.steps for row in self.rows)
+        full = sum(row.max_steps for row in self.rows)
+        render.append("-" * len(render[0]))
+        render.append(
+            f"training steps run: {spent} of {full} without early stopping "
+            f"({100 * (1 - spent / max(full, 1)):.0f}% saved)"
+        )
+        if self.best is not None:
+            render.append(
+                f"best: trial {self.best.trial_id} ({_fmt_sampled(self.best.sampled)}) "
+                f"{self.space.metric} {_fmt(self.best.metric)}; checkpoint {self.best.checkpoint}"
+            )
+        render.append(f"MLflow: {self.tracking_uri}  parent run {self.parent_run_id}")
+        return "\n".join(render)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_sampled(sampled: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sampled.items())
+
+
+def _paths(space: SweepSpace, base: dict[str, Any]) -> SweepPaths:
+    from rayoodkd.engine.tracking import default_tracking_uri
+
+    cfg = build_config(base)
+    storage = ray_storage_path(cfg.storage_path).rstrip("/")
+    return SweepPaths(f"{storage}/{space.name}", cfg.tracking_uri or default_tracking_uri(cfg.storage_path))
+
+
+def _max_concurrent(space: SweepSpace, base: dict[str, Any]) -> int:
+    """Trials that fit at once, leaving half a CPU for Ray Data (spec/ray.md P5, P7)."""
+    import ray
+
+    if space.max_concurrent_trials:
+        return space.max_concurrent_trials
+    cfg = build_config(base)
+    workers = max(cfg.num_workers, 1)
+    resources = ray.cluster_resources()
+    per_trial_cpus = space.trial.driver_cpus + workers * cfg.resources.cpus_per_worker
+    fits = int((resources.get("CPU", 1) - 0.5) // per_trial_cpus)
+    if cfg.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // (workers * cfg.resources.gpus_per_worker)))
+    return max(fits, 1)
+
+
+def _scheduler(space: SweepSpace, base: dict[str, Any]) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler.type == "fifo":
+        return FIFOScheduler()
+    cfg = build_config(base)
+    max_t = space.scheduler.max_t or (
+        cfg.max_steps
+        if space.scheduler.time_attr == "step"
+        else math.ceil(cfg.max_steps / cfg.eval.every)
+    )
+    # stop_last_trials=False: a trial that reaches max_t finishes its run (summary, MLflow) instead of
+    # being killed by the scheduler at its final report.
+    return ASHAScheduler(
+        time_attr=space.scheduler.time_attr,
+        max_t=max_t,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+        brackets=space.scheduler.brackets,
+        stop_last_trials=False,
+    )
+
+
+def run_sweep(
+    space: SweepSpace,
+    base: dict[str, Any],
+    *,
+    output: Path | None = None,
+    resume: bool = False,
+    log: Any = print,
+) -> SweepResult:
+    """Run (or resume) a sweep to the end; write ``results.csv`` and ``best.yaml``; return the table."""
+    import ray
+    from ray import tune
+
+    from rayoodkd.engine.tracking import Tracker
+    from rayoodkd.teacher import ensure_teacher
+
+    paths = _paths(space, base)
+    record = read_json(f"{paths.root}/{SWEEP_FILE}")
+    if resume and record is None:
+        raise ConfigError(f"--resume: no sweep {space.name!r} at {paths.root}; start it without --resume")
+    if not resume and record is not None:
+        raise ConfigError(
+            f"name: a sweep {space.name!r} already exists at {paths.root}; "
+            "pass --resume to continue it, or name=OTHER for a new one"
+        )
+    if resume:
+        space, base = SweepSpace.model_validate(record["space"]), record["base"]
+        tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
+        paths = SweepPaths(paths.root, record["tracking_uri"])
+    else:
+        cfg = build_config(base)
+        tracker = Tracker.create(
+            paths.tracking_uri,
+            cfg.storage_path,
+            cfg.experiment_name,
+            f"sweep-{space.name}",
+            {"sweep": space.name, "rayoodkd.kind": "sweep"},
+        )
+        tracker.log_params(
+            {
+                **{f"space.{k}": v for k, v in flatten(space.model_dump(mode="json")).items()},
+                **{f"base.{k}": v for k, v in flatten(base).items()},
+            }
+        )
+        write_json(
+            f"{paths.root}/{SWEEP_FILE}",
+            {
+                "space": space.model_dump(mode="json"),
+                "base": base,
+                "parent_run_id": tracker.run_id,
+                "tracking_uri": paths.tracking_uri,
+            },
+        )
+    if not any(key.startswith("teacher.") for key in space.search):
+        cfg = build_config(base)
+        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    sweep = {
+        "name": space.name,
+        "trials": paths.trials,
+        "tracking_uri": paths.tracking_uri,
+        "parent_run_id": tracker.run_id,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
+    )
+    log(f"sweep {space.name}: {'resuming' if resume else 'starting'}; MLflow parent run {tracker.run_id}")
+    started = time.perf_counter()
+    if resume:
+        tuner = tune.Tuner.restore(
+            paths.tune_experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"search": {key: _to_tune(domain) for key, domain in space.search.items()}},
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                num_samples=space.num_samples,
+                scheduler=_scheduler(space, base),
+                max_concurrent_trials=_max_concurrent(space, base),
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=paths.tune_storage,
+                failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    rows = _rows(grid, space, base, paths)
+    finished = [row for row in rows if not math.isnan(row.metric)]
+    best = None
+    if finished:
+        pick = max if space.mode == "max" else min
+        best = pick(finished, key=lambda row: row.metric)
+    best_config = trial_config(base, best.sampled) if best else None
+    result = SweepResult(
+        space, rows, best, best_config, tracker.run_id, paths.tracking_uri, paths.tune_experiment
+    )
+    _write_outputs(result, output or _default_output(paths), tracker, time.perf_counter() - started, log)
+    return result
+
+
+def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
+    from rayoodkd.engine.tracking import Tracker
+    from rayoodkd.launch import RUN_FILE
+
+    rows = []
+    for result in sorted(grid, key=lambda r: r.path):
+        metrics = result.metrics or {}
+        sampled = dict(result.config["search"])
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        max_steps = build_config(trial_config(base, sampled)).max_steps
+        steps = int(metrics.get("step", 0))
+        run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
+        run_id = run_record.get("mlflow_run_id", "")
+        status = "ERROR" if result.error else "TERMINATED"
+        stopped = result.error is None and steps < max_steps
+        if run_id:
+            child = Tracker(paths.tracking_uri, run_id)
+            if stopped:
+                child.set_tags({"asha.stopped_at_step": str(steps)})
+                child.terminate("KILLED")
+            elif result.error is not None:
+                child.terminate("FAILED")
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                sampled=sampled,
+                metric=float(metrics.get(space.metric, math.nan)),
+                best_val=float(metrics.get("best_val/top1", math.nan)),
+                steps=steps,
+                max_steps=max_steps,
+                stopped_early=stopped,
+                status=status,
+                checkpoint=str(metrics.get("checkpoint_path", "")),
+                mlflow_run_id=run_id,
+            )
+        )
+    return rows
+
+
+def _default_output(paths: SweepPaths) -> Path:
+    return local_path(paths.root) if not is_uri(paths.root) or paths.root.startswith("file://") else Path(
+        Path(paths.root).name
+    )
+
+
+def results_csv(result: SweepResult) -> str:
+    """The results table as CSV: one row per trial."""
+    keys = list(result.space.search)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        ["trial_id", *keys, result.space.metric, "best_val/top1", "steps", "max_steps", "stopped_early",
+         "status", "checkpoint", "mlflow_run_id"]
+    )
+    for row in result.rows:
+        writer.writerow(
+            [row.trial_id, *(row.sampled.get(k) for k in keys), row.metric, row.best_val, row.steps,
+             row.max_steps, row.stopped_early, row.status, row.checkpoint, row.mlflow_run_id]
+        )
+    return buffer.getvalue()
+
+
+def best_yaml(result: SweepResult) -> str:
+    """The best trial's config as a preset for ``python -m rayoodkd.train --config``."""
+    assert result.best is not None and result.best_config is not None
+    config = build_config(result.best_config)
+    header = (
+        f"# Best trial of sweep {result.space.name!r}: {result.best.trial_id} "
+        f"({result.space.metric} {_fmt(result.best.metric)} at step {result.best.steps}).\n"
+        f"# Searched: {_fmt_sampled(result.best.sampled)}\n"
+        f"# Checkpoint: {result.best.checkpoint}\n"
+        f"# Run it: python -m rayoodkd.train --config best.yaml [seed=S ...]\n"
+    )
+    return header + to_yaml(config)
+
+
+def _write_outputs(result: SweepResult, output: Path, tracker: Any, seconds: float, log: Any) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.csv").write_text(results_csv(result))
+    tracker.log_text(results_csv(result), "results.csv")
+    tracker.log_text(result.table(), "results.txt")
+    summary: dict[str, float] = {
+        "sweep/trials": len(result.rows),
+        "sweep/stopped_early": sum(row.stopped_early for row in result.rows),
+        "sweep/errors": sum(row.status == "ERROR" for row in result.rows),
+        "sweep/steps_run": sum(row.steps for row in result.rows),
+        "sweep/wall_seconds": seconds,
+    }
+    if result.best is not None:
+        text = best_yaml(result)
+        (output / "best.yaml").write_text(text)
+        tracker.log_text(text, "best.yaml")
+        summary[f"best/{result.space.metric}"] = result.best.metric
+        tracker.set_tags({"best_trial": result.best.trial_id, "best_checkpoint": result.best.checkpoint})
+    tracker.log_metrics(summary, 0)
+    tracker.terminate("FINISHED" if result.best is not None else "FAILED")
+    log(result.table())
+    best = f"; best config: {output / 'best.yaml'}" if result.best else ""
+    log(f"results: {output / 'results.csv'}{best}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    shipped = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+    parser = argparse.ArgumentParser(
+        prog="python -m rayoodkd.tune",
+        description="Search a rayoodkd run's hyperparameters with Ray Tune + ASHA; each trial is a full run "
+        "on its own TorchTrainer, logged as an MLflow child run of the sweep's run.",
+        epilog=f"""\
+space file keys: name, base, overrides, search, metric, mode, scheduler.{{type, time_attr, max_t,
+  grace_period, reduction_factor, brackets}}, num_samples, trial.{{num_workers, cpus_per_worker,
+  gpus_per_worker, driver_cpus}}, max_concurrent_trials, max_failures
+search kinds: {", ".join(DOMAIN_ARITY)}   e.g.  mosaickd.patch_size: {{grid: [2, 4, 8]}}
+shipped spaces: {shipped}
+
+examples:
+  python -m rayoodkd.tune --space smoke
+  python -m rayoodkd.tune --space tune_spaces/mosaickd-patch.yaml num_samples=2 --output sweeps/patch
+  python -m rayoodkd.tune --space mosaickd-patch --resume          # continue an interrupted sweep
+  python -m rayoodkd.train --config sweeps/patch/best.yaml         # run the winner
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="a space key (num_samples=8, scheduler.grace_period=2) or a fixed run-config override "
+        "for every trial (max_steps=200)",
+    )
+    parser.add_argument("--space", required=True, help="a tune space YAML, or the name of a shipped one")
+    parser.add_argument("--output", type=Path, default=None, help="results.csv and best.yaml (default: the "
+                        "sweep's directory under storage_path)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--print-space", action="store_true", help="print the resolved space and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        space, base = load_space(args.space, args.overrides)
+        if args.print_space:
+            resolved = {"space": space.model_dump(mode="json"), "base": base}
+            print(yaml.safe_dump(resolved, sort_keys=False), end="")
+            return 0
+        result = run_sweep(space, base, output=args.output, resume=args.resume)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0 if result.best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Ray Tune sweeps: space validation (one process) and one real ASHA sweep on a local Ray instance."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from rayoodkd.config import ConfigError, resolve_config
+from rayoodkd.tune import (
+    SPACE_DIR,
+    SweepResult,
+    TrialRow,
+    best_yaml,
+    load_space,
+    main,
+    results_csv,
+    run_sweep,
+    trial_config,
+)
+
+
+def _write_space(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+def test_every_shipped_space_validates(name: str) -> None:
+    space, base = load_space(name)
+    assert space.name == name and space.metric == "val/top1"
+    assert base["method"] in {"kd_ood", "mosaickd", "tadfkd"}
+
+
+def test_overrides_go_to_the_space_or_to_every_trial() -> None:
+    space, base = load_space("smoke", ["num_samples=3", "scheduler.grace_period=2", "max_steps=30"])
+    assert space.num_samples == 3 and space.scheduler.grace_period == 2
+    assert base["max_steps"] == 30 and space.overrides["max_steps"] == 30
+    assert base["num_workers"] == 1 and base["resources"]["cpus_per_worker"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("search: {kd_ood.lrr: {grid: [0.1]}}", "search.kd_ood.lrr = 0.1: unknown key 'kd_ood.lrr'"),
+        ("search: {kd_ood.lr: {grid: [-1]}}", "search.kd_ood.lr = -1: invalid value for 'kd_ood.lr'"),
+        ("search: {kd_ood.lr: {uniform: [1]}}", "kd_ood.lr: uniform takes a list of 2 numbers"),
+        ("search: {kd_ood.lr: {loguniform: [0, 1]}}", "kd_ood.lr: loguniform needs low > 0"),
+        ("search: {kd_ood.lr: {normal: [0, 1]}}", "expected one of {choice, grid"),
+        ("search: {}", "invalid value for 'search': needs at least one KEY"),
+        ("search: {seed: {grid: [1]}}\nmetric: accuracy", "invalid value for 'metric'"),
+        ("search: {seed: {grid: [1]}}\nscheduler: {type: hyperband}", "invalid value for 'scheduler.type'"),
+        ("search: {seed: {grid: [1]}}\noverrides: {seed: 2}", "both fixed in overrides and searched: seed"),
+        ("search: {seed: {grid: [1]}}\nbogus: 1", "unknown key 'bogus'"),
+        ("search: {seed: {grid: [1]}}\nbase: nope", "unknown preset 'nope'"),
+    ],
+)
+def test_bad_spaces_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_space(_write_space(tmp_path, text))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--space", "no-such-space"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --space: no such file or space 'no-such-space'; shipped spaces: ")
+    assert err.count("\n") == 1
+
+
+def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
+    space, base = load_space("smoke")
+    rows = [
+        TrialRow("a_00000", {"kd_ood.lr": 0.05}, 61.0, 61.0, 40, 40, False, "TERMINATED", "/ck/a", "r1"),
+        TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
+    ]
+    result = SweepResult(space, rows, rows[0], trial_config(base, rows[0].sampled), "p", "sqlite://", "x")
+    table = list(csv.DictReader(results_csv(result).splitlines()))
+    assert [r["trial_id"] for r in table] == ["a_00000", "a_00001"]
+    assert table[1]["stopped_early"] == "True" and table[1]["steps"] == "10"
+    assert table[0]["kd_ood.lr"] == "0.05" and table[0]["val/top1"] == "61.0"
+    best = tmp_path / "best.yaml"
+    best.write_text(best_yaml(result))
+    cfg = resolve_config(str(best))
+    assert cfg.kd_ood.lr == 0.05 and cfg.max_steps == 40 and cfg.num_workers == 1
+    assert "run_name" not in yaml.safe_load(best.read_text()) or cfg.run_name is None
+    assert "38% saved" in result.table()
+
+
+@pytest.mark.ray
+def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local) -> None:
+    overrides = [
+        f"storage_path={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "teacher.recipe.epochs=2",
+    ]
+    space, base = load_space("smoke", overrides)
+    assert space.scheduler.grace_period == 1 and space.scheduler.reduction_factor == 2
+    output = tmp_path / "out"
+    result = run_sweep(space, base, output=output)
+
+    assert len(result.rows) == 4
+    assert all(row.status == "TERMINATED" for row in result.rows)
+    stopped = [row for row in result.rows if row.stopped_early]
+    assert stopped, result.table()
+    assert all(row.steps < 40 for row in stopped)
+    assert result.best is not None and not result.best.stopped_early
+    assert result.best.sampled["kd_ood.lr"] >= 0.02  # the no-learning rates never win
+
+    table = list(csv.DictReader((output / "results.csv").read_text().splitlines()))
+    assert len(table) == 4 and {r["stopped_early"] for r in table} == {"True", "False"}
+
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_trial"] == result.best.trial_id
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "best.yaml"}
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4
+    by_id = {run.info.run_id: run for run in children}
+    for row in result.rows:
+        child = by_id[row.mlflow_run_id]
+        assert float(child.data.params["kd_ood.lr"]) == pytest.approx(row.sampled["kd_ood.lr"])
+        assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
+        assert client.get_metric_history(row.mlflow_run_id, "val/top1")
+
+    again = run_sweep(space, base, output=tmp_path / "resumed", resume=True)
+    assert [(r.trial_id, r.steps) for r in again.rows] == [(r.trial_id, r.steps) for r in result.rows]
+    with pytest.raises(ConfigError, match="already exists"):
+        run_sweep(space, base, output=output)
+
+    from rayoodkd.train import main as train_main
+
+    assert train_main(["--config", str(output / "best.yaml"), "max_steps=10", "run_name=from-best"]) == 0
