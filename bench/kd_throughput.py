@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from rayoodkd.augment import augment_batch
 from rayoodkd.config import resolve_config
 from rayoodkd.data import builtin_arrays
-from rayoodkd.engine.streams import augment_batch
 from rayoodkd.launch import launch
 from rayoodkd.methods import kd_loss
 from rayoodkd.models import build_classifier

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rayoodkd.augment import augment_batch
 from rayoodkd.config import ConfigError, TeacherConfig, TeacherRecipe, apply_overrides
 from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.engine.checkpoint import state_dict_hash
 from rayoodkd.engine.evaluation import evaluate
-from rayoodkd.engine.streams import augment_batch, tensor_source
+from rayoodkd.engine.streams import tensor_source
 from rayoodkd.models import build_classifier
 
 FORMAT = "rayoodkd.teacher/1"

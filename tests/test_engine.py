@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rayoodkd.augment import augment_batch
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.engine.streams import augment_batch, tensor_source
+from rayoodkd.engine.streams import tensor_source
 from rayoodkd.methods import METHODS
 
 

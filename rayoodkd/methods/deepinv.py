@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from rayoodkd.augment import augment_batch
 from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
 from rayoodkd.methods.losses import (
     BNStatistics,
@@ -185,7 +186,6 @@ class DeepInversion(Method):
         ctx = self.ctx
         index = torch.randperm(len(self.pool), generator=ctx.generator, device=ctx.generator.device)
         batch = self.pool[index[: cfg.batch_size].cpu()].to(ctx.device, torch.float32) / 255
-        from rayoodkd.engine.streams import augment_batch  # at call time: engine.streams imports methods
 
         images = ctx.normalize(augment_batch(batch, cfg.augment, ctx.generator))
         with torch.no_grad(), ctx.autocast():

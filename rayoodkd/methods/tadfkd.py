@@ -47,6 +47,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
+from rayoodkd.augment import augment_batch
 from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
 from rayoodkd.methods.losses import (
     BNStatistics,
@@ -223,7 +224,6 @@ class TADFKD(Method):
 
     def _views(self, fake: Tensor) -> tuple[Tensor, Tensor]:
         """(training view, testing view) of a generated batch in [0, 1]."""
-        from rayoodkd.engine.streams import augment_batch  # at call time: engine.streams imports methods
 
         cfg: TADFKDConfig = self.cfg
         augment = batch_crop_flip if cfg.augment_whole_batch else augment_batch
