@@ -2,19 +2,22 @@
 
     python bench/datafree_results.py --config mnist-dfq
     python bench/datafree_results.py --config mnist-tadfkd --sweep tadfkd.gmm_threshold=0.3,0.5,0.7,0.9
-    python bench/datafree_results.py --config mnist-tadfkd --sweep teacher.recipe.seed=0,1,2 max_steps=100
+    python bench/datafree_results.py --config mnist-tadfkd --sweep teacher.recipe.arch=lenet5_bn,cnn_tiny \
+        --sweep seed=0,1                      # cross product; prints mean, std and min over the runs
 
 The teacher recipe of the preset is trained once and cached (``rayoodkd.teacher.ensure_teacher``). Each run
 goes through the engine's ``run_worker`` exactly as a one-worker Ray Train run would, with the val/test
 splits of the builtin set held in memory and one intra-op thread. ``--sweep KEY=V1,V2,...`` repeats the run
-for each value. Prints, per run: the final test top-1, the test top-1 of the best-validation checkpoint,
-the teacher's test top-1 and the training seconds (evaluation excluded).
+for each value (several ``--sweep``: their cross product). Prints, per run: the final test top-1, the test
+top-1 of the best-validation checkpoint, the teacher's test top-1 and the training seconds (evaluation
+excluded); over several runs also the mean, std and min.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
@@ -76,15 +79,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="preset name or YAML file")
-    parser.add_argument("--sweep", default=None, help="KEY=V1,V2,... : one run per value")
+    parser.add_argument(
+        "--sweep", action="append", default=[], help="KEY=V1,V2,...: a run per value (repeat: cross product)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs: list[list[str]] = [[]]
-    if args.sweep:
-        key, _, values = args.sweep.partition("=")
-        runs = [[f"{key}={value}"] for value in values.split(",")]
+    for sweep in args.sweep:
+        key, _, values = sweep.partition("=")
+        runs = [[*run, f"{key}={value}"] for run in runs for value in values.split(",")]
     rows = []
     for extra in runs:
         print(f"{args.config} {' '.join([*args.overrides, *extra])}", flush=True)
@@ -97,6 +102,13 @@ def main() -> None:
             f"| {row['run']} | {row['test_top1']:.2f} | {row['test_top1_at_best_val']:.2f} "
             f"| {row['teacher_test_top1']:.2f} | {row['train_seconds']:.0f} |"
         )
+    if len(rows) > 1:
+        for key in ("test_top1", "test_top1_at_best_val"):
+            values = [row[key] for row in rows]
+            print(
+                f"{key}: mean {statistics.mean(values):.2f}  std {statistics.stdev(values):.2f}  "
+                f"min {min(values):.2f}  over {len(values)} runs"
+            )
     print(json.dumps(rows))
 
 

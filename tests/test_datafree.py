@@ -129,6 +129,20 @@ def test_bn_variants_differ_and_no_bn_gives_zero() -> None:
     assert BNStatistics(nn.Sequential(nn.Conv2d(1, 1, 1))).loss().item() == 0.0
 
 
+def test_bn_statistics_ignore_no_grad_forwards() -> None:
+    net = _bn_net()
+    hooks = BNStatistics(net)
+    x = torch.randn(4, 2, 9, 9, generator=torch.Generator().manual_seed(3))
+    net(x)
+    expected = hooks.loss().item()
+    with torch.no_grad():
+        net(torch.randn(4, 2, 9, 9))
+    with pytest.raises(RuntimeError, match="no grad-enabled forward"):
+        hooks.loss()
+    net(x)
+    assert hooks.loss().item() == pytest.approx(expected)
+
+
 def _hand_js(s: list[list[float]], t: list[list[float]], tau: float, reduction: str) -> float:
     total, batch, classes = 0.0, len(s), len(s[0])
     for s_row, t_row in zip(s, t, strict=True):

@@ -45,6 +45,8 @@ FEATURE_DIMS = {
     "lenet5": 84,
     "lenet5_half": 42,
     "cnn_small": 128,
+    "lenet5_bn": 84,
+    "cnn_tiny": 32,
 }
 
 

@@ -57,7 +57,8 @@ class BNStatistics:
         L_BN = ‖cat_l μ_l − cat_l running_mean_l‖₂ + ‖cat_l σ²_l − cat_l running_var_l‖₂      σ² unbiased
 
     μ_l, σ²_l are the statistics of the BN layer's *input*. Every forward overwrites them, so read
-    :meth:`loss` right after the forward of the batch you mean (spec §1.3 pitfall).
+    :meth:`loss` right after the forward of the batch you mean (spec §1.3 pitfall). Forwards under
+    ``torch.no_grad()`` record nothing (and clear what was recorded).
     """
 
     def __init__(self, model: nn.Module, variant: BNVariant = "sum") -> None:
@@ -68,7 +69,13 @@ class BNStatistics:
 
     def _hook(self, index: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.stats[index] = batch_statistics(inputs[0], unbiased=self.variant == "concat")
+            # Only forwards that can be backpropagated feed L_BN; skipping the no-grad ones (sample
+            # selection, KD targets) saves a full-activation variance per BN layer per forward.
+            self.stats[index] = (
+                batch_statistics(inputs[0], unbiased=self.variant == "concat")
+                if torch.is_grad_enabled()
+                else None
+            )
 
         return hook
 
@@ -77,7 +84,9 @@ class BNStatistics:
         if not self.layers:
             return torch.zeros(())
         if any(s is None for s in self.stats):
-            raise RuntimeError("BNStatistics.loss(): no forward has run through every hooked BN layer yet")
+            raise RuntimeError(
+                "BNStatistics.loss(): no grad-enabled forward has run through every hooked BN layer"
+            )
         means = [s[0] for s in self.stats]  # type: ignore[index]
         variances = [s[1] for s in self.stats]  # type: ignore[index]
         running_means = [layer.running_mean.detach().float() for layer in self.layers]

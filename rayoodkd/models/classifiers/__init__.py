@@ -6,7 +6,15 @@ from typing import Any
 
 from rayoodkd.models.classifiers.base import Classifier
 from rayoodkd.models.classifiers.resnet import CifarResNet, resnet8, resnet18, resnet34
-from rayoodkd.models.classifiers.small import LeNet5, SmallCNN, cnn_small, lenet5, lenet5_half
+from rayoodkd.models.classifiers.small import (
+    LeNet5,
+    SmallCNN,
+    cnn_small,
+    cnn_tiny,
+    lenet5,
+    lenet5_bn,
+    lenet5_half,
+)
 from rayoodkd.models.classifiers.torchvision_adapter import (
     TorchvisionClassifier,
     build_torchvision_classifier,
@@ -45,7 +53,9 @@ __all__ = [
     "build_classifier",
     "build_torchvision_classifier",
     "cnn_small",
+    "cnn_tiny",
     "lenet5",
+    "lenet5_bn",
     "lenet5_half",
     "resnet8",
     "resnet18",
