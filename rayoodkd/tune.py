@@ -18,6 +18,7 @@ import copy
 import csv
 import io
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -227,10 +228,6 @@ class SweepPaths:
 
     root: str
     tracking_uri: str
-
-    @property
-    def tune_storage(self) -> str:
-        return self.root
 
     @property
     def tune_experiment(self) -> str:
@@ -474,7 +471,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=paths.tune_storage,
+                storage_path=paths.root,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 verbose=1,
             ),
@@ -494,7 +491,16 @@ def run_sweep(
     return result
 
 
+def _trial_id(result: Any) -> str:
+    """The trial ID from the last result, or from the trial directory (``_trainable_<id>_<n>_...``)."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    match = re.match(r"_trainable_([0-9a-f]+_\d+)_", Path(result.path).name)
+    return match.group(1) if match else Path(result.path).name
+
+
 def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
+    """One row per trial; the MLflow child runs of trials Tune ended are closed with their outcome."""
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.launch import RUN_FILE
 
@@ -502,20 +508,20 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
     for result in sorted(grid, key=lambda r: r.path):
         metrics = result.metrics or {}
         sampled = dict(result.config["search"])
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = _trial_id(result)
         max_steps = build_config(trial_config(base, sampled)).max_steps
         steps = int(metrics.get("step", 0))
         run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
         run_id = run_record.get("mlflow_run_id", "")
-        status = "ERROR" if result.error else "TERMINATED"
         stopped = result.error is None and steps < max_steps
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
             if stopped:
                 child.set_tags({"asha.stopped_at_step": str(steps)})
                 child.terminate("KILLED")
-            elif result.error is not None:
-                child.terminate("FAILED")
+            elif child.client.get_run(run_id).info.status == "RUNNING":
+                # Tune ended the trial at its last report, before the run closed its MLflow run itself.
+                child.terminate("FAILED" if result.error is not None else "FINISHED")
         rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -525,7 +531,7 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
                 steps=steps,
                 max_steps=max_steps,
                 stopped_early=stopped,
-                status=status,
+                status="ERROR" if result.error is not None else "TERMINATED",
                 checkpoint=str(metrics.get("checkpoint_path", "")),
                 mlflow_run_id=run_id,
             )

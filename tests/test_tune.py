@@ -14,6 +14,7 @@ from rayoodkd.tune import (
     SPACE_DIR,
     SweepResult,
     TrialRow,
+    _trial_id,
     best_yaml,
     load_space,
     main,
@@ -71,6 +72,16 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.startswith("error: --space: no such file or space 'no-such-space'; shipped spaces: ")
     assert err.count("\n") == 1
+
+
+def test_trial_id_comes_from_the_result_or_the_trial_directory() -> None:
+    class Result:
+        def __init__(self, metrics: dict | None, path: str) -> None:
+            self.metrics, self.path = metrics, path
+
+    assert _trial_id(Result({"trial_id": "ab12c_00003"}, "/x/whatever")) == "ab12c_00003"
+    errored = Result(None, "/s/tune/_trainable_cab19_00000_0_mosaickd_patch_size=32_2026-11-24_02-36-03")
+    assert _trial_id(errored) == "cab19_00000"
 
 
 def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
