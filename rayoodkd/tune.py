@@ -93,6 +93,10 @@ class SweepSpace(Section):
     trial: TrialResources = TrialResources()
     max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster's CPUs allow")
     max_failures: int = Field(0, ge=0, description="Tune-level retries of a crashed trial")
+    report_metrics: list[str] = Field(
+        default_factory=lambda: ["test/top1"],
+        description="more metrics of each trial's last report for results.csv (empty if never reported)",
+    )
 
     @field_validator("search")
     @classmethod
@@ -274,6 +278,7 @@ class TrialRow:
     sampled: dict[str, Any]
     metric: float
     best_val: float
+    extra: dict[str, float]
     steps: int
     max_steps: int
     stopped_early: bool
@@ -296,13 +301,17 @@ class SweepResult:
 
     def table(self) -> str:
         keys = list(self.space.search)
-        header = ["trial", *keys, self.space.metric, "best_val/top1", "steps", "stopped by ASHA", "status"]
+        extra = self.space.report_metrics
+        header = [
+            "trial", *keys, self.space.metric, "best_val/top1", *extra, "steps", "stopped by ASHA", "status"
+        ]
         lines = [
             [
                 row.trial_id,
                 *(_fmt(row.sampled.get(k)) for k in keys),
                 _fmt(row.metric),
                 _fmt(row.best_val),
+                *(_fmt(row.extra.get(k, math.nan)) for k in extra),
                 f"{row.steps}/{row.max_steps}",
                 "yes" if row.stopped_early else "no",
                 row.status,
@@ -528,6 +537,7 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
                 sampled=sampled,
                 metric=float(metrics.get(space.metric, math.nan)),
                 best_val=float(metrics.get("best_val/top1", math.nan)),
+                extra={k: float(metrics[k]) for k in space.report_metrics if k in metrics},
                 steps=steps,
                 max_steps=max_steps,
                 stopped_early=stopped,
@@ -547,17 +557,22 @@ def _default_output(paths: SweepPaths) -> Path:
 
 def results_csv(result: SweepResult) -> str:
     """The results table as CSV: one row per trial."""
-    keys = list(result.space.search)
+    keys, extra = list(result.space.search), result.space.report_metrics
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
-        ["trial_id", *keys, result.space.metric, "best_val/top1", "steps", "max_steps", "stopped_early",
-         "status", "checkpoint", "mlflow_run_id"]
+        [
+            "trial_id", *keys, result.space.metric, "best_val/top1", *extra, "steps", "max_steps",
+            "stopped_early", "status", "checkpoint", "mlflow_run_id",
+        ]
     )
     for row in result.rows:
         writer.writerow(
-            [row.trial_id, *(row.sampled.get(k) for k in keys), row.metric, row.best_val, row.steps,
-             row.max_steps, row.stopped_early, row.status, row.checkpoint, row.mlflow_run_id]
+            [
+                row.trial_id, *(row.sampled.get(k) for k in keys), row.metric, row.best_val,
+                *(row.extra.get(k, "") for k in extra), row.steps, row.max_steps, row.stopped_early,
+                row.status, row.checkpoint, row.mlflow_run_id,
+            ]
         )
     return buffer.getvalue()
 

@@ -87,14 +87,18 @@ def test_trial_id_comes_from_the_result_or_the_trial_directory() -> None:
 def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
     space, base = load_space("smoke")
     rows = [
-        TrialRow("a_00000", {"kd_ood.lr": 0.05}, 61.0, 61.0, 40, 40, False, "TERMINATED", "/ck/a", "r1"),
-        TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
+        TrialRow(
+            "a_00000", {"kd_ood.lr": 0.05}, 61.0, 61.0, {"test/top1": 60.5}, 40, 40, False, "TERMINATED",
+            "/ck/a", "r1",
+        ),
+        TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, {}, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
     ]
     result = SweepResult(space, rows, rows[0], trial_config(base, rows[0].sampled), "p", "sqlite://", "x")
     table = list(csv.DictReader(results_csv(result).splitlines()))
     assert [r["trial_id"] for r in table] == ["a_00000", "a_00001"]
     assert table[1]["stopped_early"] == "True" and table[1]["steps"] == "10"
     assert table[0]["kd_ood.lr"] == "0.05" and table[0]["val/top1"] == "61.0"
+    assert table[0]["test/top1"] == "60.5" and table[1]["test/top1"] == ""
     best = tmp_path / "best.yaml"
     best.write_text(best_yaml(result))
     cfg = resolve_config(str(best))
