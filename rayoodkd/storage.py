@@ -15,6 +15,11 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def is_remote(path: str) -> bool:
+    """True for URIs other than ``file://`` (s3://, gs://, ...): storage that is not a local directory."""
+    return is_uri(path) and not path.startswith("file://")
+
+
 def local_path(path: str) -> Path:
     """An absolute local path for a plain path or a ``file://`` URI."""
     if path.startswith("file://"):
@@ -26,12 +31,12 @@ def local_path(path: str) -> Path:
 
 def ray_storage_path(path: str) -> str:
     """What Ray Train's ``RunConfig(storage_path=...)`` gets: remote URIs as is, local paths absolute."""
-    return path if is_uri(path) and not path.startswith("file://") else str(local_path(path))
+    return path if is_remote(path) else str(local_path(path))
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it, for any storage path or URI."""
-    if is_uri(path) and not path.startswith("file://"):
+    if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(local_path(path))
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from rayoodkd.config import (
+    BaseRunConfig,
     ConfigError,
     Section,
     build_config,
@@ -39,7 +40,7 @@ from rayoodkd.config import (
     set_dotted,
     to_yaml,
 )
-from rayoodkd.storage import is_uri, local_path, ray_storage_path, read_json, write_json
+from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SWEEP_FILE = "sweep.json"
@@ -228,7 +229,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any
 
 @dataclass
 class SweepPaths:
-    """Where a sweep lives (any storage) and where its tables go (local)."""
+    """Where a sweep lives (any storage) and the MLflow store its runs log to."""
 
     root: str
     tracking_uri: str
@@ -297,7 +298,6 @@ class SweepResult:
     best_config: dict[str, Any] | None
     parent_run_id: str
     tracking_uri: str
-    experiment_path: str
 
     def table(self) -> str:
         keys = list(self.space.search)
@@ -348,21 +348,19 @@ def _fmt_sampled(sampled: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in sampled.items())
 
 
-def _paths(space: SweepSpace, base: dict[str, Any]) -> SweepPaths:
+def _paths(space: SweepSpace, cfg: BaseRunConfig) -> SweepPaths:
     from rayoodkd.engine.tracking import default_tracking_uri
 
-    cfg = build_config(base)
     storage = ray_storage_path(cfg.storage_path).rstrip("/")
     return SweepPaths(f"{storage}/{space.name}", cfg.tracking_uri or default_tracking_uri(cfg.storage_path))
 
 
-def _max_concurrent(space: SweepSpace, base: dict[str, Any]) -> int:
+def _max_concurrent(space: SweepSpace, cfg: BaseRunConfig) -> int:
     """Trials that fit at once, leaving half a CPU for Ray Data (spec/ray.md P5, P7)."""
     import ray
 
     if space.max_concurrent_trials:
         return space.max_concurrent_trials
-    cfg = build_config(base)
     workers = max(cfg.num_workers, 1)
     resources = ray.cluster_resources()
     per_trial_cpus = space.trial.driver_cpus + workers * cfg.resources.cpus_per_worker
@@ -372,12 +370,11 @@ def _max_concurrent(space: SweepSpace, base: dict[str, Any]) -> int:
     return max(fits, 1)
 
 
-def _scheduler(space: SweepSpace, base: dict[str, Any]) -> Any:
+def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
-    cfg = build_config(base)
     max_t = space.scheduler.max_t or (
         cfg.max_steps
         if space.scheduler.time_attr == "step"
@@ -410,7 +407,8 @@ def run_sweep(
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.teacher import ensure_teacher
 
-    paths = _paths(space, base)
+    cfg = build_config(base)
+    paths = _paths(space, cfg)
     record = read_json(f"{paths.root}/{SWEEP_FILE}")
     if resume and record is None:
         raise ConfigError(f"--resume: no sweep {space.name!r} at {paths.root}; start it without --resume")
@@ -421,10 +419,10 @@ def run_sweep(
         )
     if resume:
         space, base = SweepSpace.model_validate(record["space"]), record["base"]
+        cfg = build_config(base)
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
         paths = SweepPaths(paths.root, record["tracking_uri"])
     else:
-        cfg = build_config(base)
         tracker = Tracker.create(
             paths.tracking_uri,
             cfg.storage_path,
@@ -448,7 +446,6 @@ def run_sweep(
             },
         )
     if not any(key.startswith("teacher.") for key in space.search):
-        cfg = build_config(base)
         ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
     if not ray.is_initialized():
         ray.init(configure_logging=False)
@@ -475,8 +472,8 @@ def run_sweep(
                 metric=space.metric,
                 mode=space.mode,
                 num_samples=space.num_samples,
-                scheduler=_scheduler(space, base),
-                max_concurrent_trials=_max_concurrent(space, base),
+                scheduler=_scheduler(space, cfg),
+                max_concurrent_trials=_max_concurrent(space, cfg),
             ),
             run_config=tune.RunConfig(
                 name="tune",
@@ -494,7 +491,7 @@ def run_sweep(
         best = pick(finished, key=lambda row: row.metric)
     best_config = trial_config(base, best.sampled) if best else None
     result = SweepResult(
-        space, rows, best, best_config, tracker.run_id, paths.tracking_uri, paths.tune_experiment
+        space, rows, best, best_config, tracker.run_id, paths.tracking_uri
     )
     _write_outputs(result, output or _default_output(paths), tracker, time.perf_counter() - started, log)
     return result
@@ -550,9 +547,8 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
 
 
 def _default_output(paths: SweepPaths) -> Path:
-    return local_path(paths.root) if not is_uri(paths.root) or paths.root.startswith("file://") else Path(
-        Path(paths.root).name
-    )
+    """The sweep's own directory when it is local; for remote storage, ``./NAME``."""
+    return Path(Path(paths.root).name) if is_remote(paths.root) else local_path(paths.root)
 
 
 def results_csv(result: SweepResult) -> str:

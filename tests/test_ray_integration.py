@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -111,52 +112,47 @@ def test_worker_failure_resumes_and_relaunch_continues_on_file_uri(
     assert [m.step for m in history] == [4, 8, 12, 16]
 
 
-def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
-    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 1, "patch_size": 8, "patch_stride": 4}
+def _launch_tiny_method(
+    tmp_path: Path, teacher: Path, method: str, settings: dict[str, object], **extra: object
+) -> tuple[MlflowClient, Any]:
+    """A 4-step, 2-worker run of ``method``: its summary JSON and a FINISHED MLflow run with identical
+    replicas are checked here; the client and the run go back to the caller."""
     cfg = _tiny(
         tmp_path,
-        tiny_teacher,
-        run_name="mosaic",
-        method="mosaickd",
+        teacher,
+        run_name=method,
+        method=method,
         max_steps=4,
-        **{"eval.every": 2, "log_every": 1},
-        **{f"mosaickd.{key}": value for key, value in mosaic.items()},
+        **{"eval.every": 2, "log_every": 1, **extra},
+        **{f"{method}.{key}": value for key, value in settings.items()},
     )
     summary = launch(cfg)
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["method"] == "mosaickd" and written["steps"] == 4 and written["num_workers"] == 2
-    client = MlflowClient(summary.tracking_uri)
-    run = client.get_run(summary.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["ddp/replicas_identical"] == 1.0
-    assert run.data.metrics["d/receptive_field"] == 8.0
-    for key in ("loss/d", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
-        assert len(client.get_metric_history(summary.mlflow_run_id, key)) == 4, key
-    grids = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "samples")}
-    assert grids == {"samples/step_0000002.png", "samples/step_0000004.png"}
-    grid = client.download_artifacts(summary.mlflow_run_id, "samples/step_0000004.png", str(tmp_path))
-    assert Image.open(grid).size[0] > 28  # a grid of generated images, not one image
-
-
-def test_two_worker_tadfkd_writes_the_summary(tmp_path: Path, bn_teacher: Path, ray_local) -> None:
-    tadfkd = {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 1, "max_draws": 4}
-    cfg = _tiny(
-        tmp_path,
-        bn_teacher,
-        run_name="tadfkd",
-        method="tadfkd",
-        max_steps=4,
-        **{"eval.every": 2, "log_every": 1, "data.ood": "null"},
-        **{f"tadfkd.{key}": value for key, value in tadfkd.items()},
-    )
-    summary = launch(cfg)
-    written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["method"] == "tadfkd" and written["steps"] == 4 and written["num_workers"] == 2
+    assert written["method"] == method and written["steps"] == 4 and written["num_workers"] == 2
     assert written["student_accuracy"] == pytest.approx(summary.student_accuracy)
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["ddp/replicas_identical"] == 1.0
+    return client, run
+
+
+def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
+    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 1, "patch_size": 8, "patch_stride": 4}
+    client, run = _launch_tiny_method(tmp_path, tiny_teacher, "mosaickd", mosaic)
+    run_id = run.info.run_id
+    assert run.data.metrics["d/receptive_field"] == 8.0
+    for key in ("loss/d", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
+        assert len(client.get_metric_history(run_id, key)) == 4, key
+    grids = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert grids == {"samples/step_0000002.png", "samples/step_0000004.png"}
+    grid = client.download_artifacts(run_id, "samples/step_0000004.png", str(tmp_path))
+    assert Image.open(grid).size[0] > 28  # a grid of generated images, not one image
+
+
+def test_two_worker_tadfkd_writes_the_summary(tmp_path: Path, bn_teacher: Path, ray_local) -> None:
+    tadfkd = {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 1, "max_draws": 4}
+    client, run = _launch_tiny_method(tmp_path, bn_teacher, "tadfkd", tadfkd, **{"data.ood": "null"})
     assert run.data.metrics["student/changed_from_init"] == 1.0
     assert 0.0 < run.data.metrics["select/fraction"] <= 1.0
-    assert len(client.list_artifacts(summary.mlflow_run_id, "samples")) == 2
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 2

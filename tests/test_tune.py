@@ -93,7 +93,7 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
         ),
         TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, {}, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
     ]
-    result = SweepResult(space, rows, rows[0], trial_config(base, rows[0].sampled), "p", "sqlite://", "x")
+    result = SweepResult(space, rows, rows[0], trial_config(base, rows[0].sampled), "p", "sqlite://")
     table = list(csv.DictReader(results_csv(result).splitlines()))
     assert [r["trial_id"] for r in table] == ["a_00000", "a_00001"]
     assert table[1]["stopped_early"] == "True" and table[1]["steps"] == "10"

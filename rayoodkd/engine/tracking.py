@@ -17,14 +17,14 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
-from rayoodkd.storage import is_uri, local_path
+from rayoodkd.storage import is_remote, local_path
 
 MAX_PARAM_LENGTH = 6000
 
 
 def default_tracking_uri(storage_path: str) -> str:
     """``sqlite:////<storage_path>/mlflow.db`` for a local storage path; a URI storage needs a server."""
-    if is_uri(storage_path) and not storage_path.startswith("file://"):
+    if is_remote(storage_path):
         raise ValueError(
             f"tracking_uri: storage_path {storage_path!r} is remote; set tracking_uri to an MLflow server "
             "(e.g. tracking_uri=http://mlflow-host:5000)"

@@ -186,7 +186,6 @@ class DeepInversion(Method):
         ctx = self.ctx
         index = torch.randperm(len(self.pool), generator=ctx.generator, device=ctx.generator.device)
         batch = self.pool[index[: cfg.batch_size].cpu()].to(ctx.device, torch.float32) / 255
-
         images = ctx.normalize(augment_batch(batch, cfg.augment, ctx.generator))
         with torch.no_grad(), ctx.autocast():
             t = self.teacher(images)

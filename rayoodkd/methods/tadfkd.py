@@ -224,7 +224,6 @@ class TADFKD(Method):
 
     def _views(self, fake: Tensor) -> tuple[Tensor, Tensor]:
         """(training view, testing view) of a generated batch in [0, 1]."""
-
         cfg: TADFKDConfig = self.cfg
         augment = batch_crop_flip if cfg.augment_whole_batch else augment_batch
         train = self.ctx.normalize(augment(fake, cfg.augment, self.ctx.generator))
