@@ -2,6 +2,7 @@
 
     python bench/mosaickd_results.py                          # 4 presets x seeds 0 1 2, one run at a time
     python bench/mosaickd_results.py --presets mnist-mosaickd-textures --seeds 0 --override num_workers=1
+    python bench/mosaickd_results.py --storage DIR ...        # reuses the runs already finished in DIR
 
 Every run is a real ``python -m rayoodkd.train --config PRESET seed=S`` (TorchTrainer, Ray Data, MLflow) in
 its own process; its ``summary_json`` is read back. Prints, per preset, mean ± std over the seeds of the
@@ -31,8 +32,11 @@ FIELDS = (
 
 
 def run(preset: str, seed: int, storage: Path, overrides: list[str]) -> dict[str, float]:
-    """One training run through the CLI; its summary as a dict."""
+    """One training run through the CLI; its summary as a dict (read back if the run already finished)."""
     summary = storage / f"{preset}-seed{seed}.json"
+    if summary.exists():
+        print(f"# {preset} seed {seed}: finished earlier, reading {summary}", flush=True)
+        return json.loads(summary.read_text())
     command = [
         sys.executable,
         "-m",
