@@ -14,6 +14,7 @@ equal student steps).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -32,8 +33,15 @@ FIELDS = (
 
 
 def run(preset: str, seed: int, storage: Path, overrides: list[str]) -> dict[str, float]:
-    """One training run through the CLI; its summary as a dict (read back if the run already finished)."""
-    summary = storage / f"{preset}-seed{seed}.json"
+    """One training run through the CLI; its summary as a dict (read back if the run already finished).
+
+    Runs with extra overrides get their own name (a hash of the overrides), so a summary or checkpoint of
+    the same preset and seed under other settings is never reused or resumed.
+    """
+    name = f"{preset}-seed{seed}"
+    if overrides:
+        name += "-" + hashlib.sha1(" ".join(overrides).encode()).hexdigest()[:8]
+    summary = storage / f"{name}.json"
     if summary.exists():
         print(f"# {preset} seed {seed}: finished earlier, reading {summary}", flush=True)
         return json.loads(summary.read_text())
@@ -45,7 +53,7 @@ def run(preset: str, seed: int, storage: Path, overrides: list[str]) -> dict[str
         preset,
         f"seed={seed}",
         f"storage_path={storage / 'runs'}",
-        f"run_name={preset}-seed{seed}",
+        f"run_name={name}",
         f"summary_json={summary}",
         *overrides,
     ]
