@@ -24,7 +24,8 @@ from rayoodkd.data import builtin_arrays
 from rayoodkd.launch import launch
 from rayoodkd.methods import kd_loss
 from rayoodkd.models import build_classifier
-from rayoodkd.teacher import ensure_teacher, load_teacher
+from rayoodkd.teacher import ensure_teacher
+from rayoodkd.teacher_io import load_teacher
 
 
 def plain_loop(teacher_path: str, steps: int, batch_size: int, threads: int) -> float:

@@ -101,12 +101,21 @@ class ResourcesConfig(Section):
 
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    wait_for_workers_s: float = Field(
+        300.0,
+        ge=0,
+        description="how long to wait for a cluster with an autoscaler to offer the requested workers; a "
+        "cluster that cannot grow is refused at once",
+    )
 
 
 class DebugConfig(Section):
-    """Fault injection, for the failure-recovery test and for trying FailureConfig by hand."""
+    """Fault injection, for the failure-recovery tests and for trying FailureConfig by hand."""
 
     fail_at_step: int | None = Field(None, ge=1, description="a fresh (not resumed) attempt raises here")
+    kill_at_step: int | None = Field(
+        None, ge=1, description="a fresh attempt SIGKILLs the last rank's process here (a lost worker)"
+    )
 
 
 class BaseRunConfig(Section):

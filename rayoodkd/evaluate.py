@@ -22,7 +22,8 @@ from rayoodkd.config import ConfigError, apply_overrides, build_config
 from rayoodkd.engine.checkpoint import STATE_FILE, load_state
 from rayoodkd.engine.loop import Worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.teacher import ensure_teacher, load_tensors, read_teacher
+from rayoodkd.teacher import ensure_teacher, load_tensors
+from rayoodkd.teacher_io import read_teacher
 
 
 def evaluate_checkpoint(

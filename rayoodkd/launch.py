@@ -1,25 +1,36 @@
-"""The driver side of one run: teacher, Ray Data corpora, MLflow run, TorchTrainer, summary.
+"""The driver side of one run: pre-flight checks, Ray Data corpora, MLflow run, training, summary.
 
 Used by ``python -m rayoodkd.train`` and by every Ray Tune trial of ``python -m rayoodkd.tune``. A run is
-identified by ``run_name`` under ``storage_path``: launching the same name again resumes it from its latest
-checkpoint (Ray Train V2 semantics) and keeps logging to the same MLflow run.
+identified by ``run_name`` under ``storage_path``: launching the same name again resumes it from its newest
+intact checkpoint and keeps logging to the same MLflow run. Training runs on a TorchTrainer with
+``num_workers`` workers, or in this process with ``num_workers=0``. Whatever ends a run, its MLflow run is
+closed: FINISHED, FAILED or KILLED with the reason as the ``rayoodkd.failure`` tag; a relaunch that fails
+leaves a FINISHED run FINISHED, and a run that failed before its first checkpoint leaves nothing a relaunch
+would mistake for a resumable run (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
-from rayoodkd.engine.tracking import Tracker, default_tracking_uri
+from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs
+from rayoodkd.engine.tracking import Tracker
 from rayoodkd.methods import METHODS
+from rayoodkd.preflight import check_cluster_fits, corpora, preflight
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
-from rayoodkd.teacher import ensure_teacher, read_teacher
+from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
 RUN_FILE = "rayoodkd_run.json"
+
+
+class RunFailed(RuntimeError):
+    """Training failed after the run started; the message is one line with the reason."""
 
 
 @dataclass
@@ -78,26 +89,39 @@ def _keep_intact(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: value[keep] for key, value in batch.items()}
 
 
-def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> tuple[dict[str, Any], dict[str, int]]:
+def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], dict[str, int]]:
     """The Ray datasets of the run and, for materialised ones, how many corrupt images each held."""
     from rayoodkd.data import load_corpus
 
     consumes = METHODS.get(cfg.method).consumes
     datasets, corrupt = {}, {}
-    for name in [*sorted(consumes), "val", "test"]:
-        corpus = getattr(cfg.data, name)
-        if corpus is None:
-            raise ConfigError(
-                f"data.{name}: method {cfg.method!r} consumes the {name!r} stream; set data.{name}.source"
+    for key, corpus in corpora(cfg).items():
+        name = key.removeprefix("data.")
+        try:
+            dataset = load_corpus(
+                corpus,
+                image_size=info.image_size,
+                channels=info.channels,
+                seed=cfg.seed,
+                cache_dir=cfg.data.cache_dir,
             )
-        dataset = load_corpus(
-            corpus, image_size=image_size, channels=channels, seed=cfg.seed, cache_dir=cfg.data.cache_dir
-        )
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"{key}.{error}") from None
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
             flags = dataset.select_columns(["corrupt"]).iter_batches(batch_size=None, batch_format="numpy")
-            corrupt[name] = sum(int(batch["corrupt"].sum()) for batch in flags)
+            counts = [(len(batch["corrupt"]), int(batch["corrupt"].sum())) for batch in flags]
+            rows, corrupt[name] = sum(n for n, _ in counts), sum(c for _, c in counts)
+            intact = rows - corrupt[name]
+            if intact == 0:
+                raise ConfigError(f"{key}.source: none of its {rows} images could be decoded (all corrupt)")
+            needed = cfg.data.batch_size * max(cfg.num_workers, 1)
+            if name in consumes and intact < needed:
+                raise ConfigError(
+                    f"{key}.source: {intact} intact images, fewer than one batch per worker (data.batch_size "
+                    f"{cfg.data.batch_size} x {max(cfg.num_workers, 1)} workers); lower data.batch_size"
+                )
             if corrupt[name]:
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
         datasets[name] = dataset
@@ -105,66 +129,78 @@ def _datasets(cfg: BaseRunConfig, image_size: int, channels: int) -> tuple[dict[
 
 
 def _mlflow_run(
-    cfg: BaseRunConfig, run_name: str, run_dir: str, tags: dict[str, str]
-) -> tuple[Tracker, bool]:
-    tracking_uri = cfg.tracking_uri or default_tracking_uri(cfg.storage_path)
+    cfg: BaseRunConfig, tracking_uri: str, run_name: str, run_dir: str, tags: dict[str, str]
+) -> tuple[Tracker, str | None]:
+    """The run's MLflow run, and its status before this launch (None for a new run)."""
     previous = read_json(f"{run_dir}/{RUN_FILE}")
     if previous is not None:
-        return Tracker(tracking_uri, previous["mlflow_run_id"]), True
+        tracker = Tracker(tracking_uri, previous["mlflow_run_id"])
+        status = tracker.status()
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        return tracker, status
     tracker = Tracker.create(tracking_uri, cfg.storage_path, cfg.experiment_name, run_name, tags)
     tracker.log_params(flatten(cfg.model_dump(mode="json", include=_logged_keys(cfg))))
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri})
-    return tracker, False
+    return tracker, None
 
 
 def _logged_keys(cfg: BaseRunConfig) -> set[str]:
     return {k for k in type(cfg).model_fields if k not in METHODS.names() or k == cfg.method}
 
 
-def launch(
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a run ended: the first worker's exception for a Ray Train failure."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause
+        return f"worker {rank}: {_one_line(cause)}"
+    controller = getattr(error, "controller_failure", None)
+    return _one_line(controller or error)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines else "")
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _record_failure(tracker: Tracker, previous_status: str | None, run_dir: str, error: BaseException) -> str:
+    reason = failure_reason(error)
+    if previous_status == "FINISHED":
+        tracker.set_tags({"rayoodkd.relaunch_failure": reason})
+        tracker.terminate("FINISHED")
+    else:
+        tracker.set_tags({"rayoodkd.failure": reason})
+        tracker.terminate("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    if not checkpoint_dirs(run_dir):
+        fs, path = filesystem(f"{run_dir}/{RUN_FILE}")
+        fs.delete_file(path)
+    return reason
+
+
+def _train_on_workers(
     cfg: BaseRunConfig,
-    *,
-    callbacks: list[Any] | None = None,
-    mlflow_tags: dict[str, str] | None = None,
-    log: Any = print,
-) -> RunSummary:
-    """Run ``cfg`` on a TorchTrainer (joining ``RAY_ADDRESS`` or starting a local Ray); summarise it."""
-    import ray
-    import ray.data
+    loop_config: dict[str, Any],
+    datasets: dict[str, Any],
+    run_name: str,
+    storage: str,
+    callbacks: list[Any] | None,
+) -> tuple[dict[str, Any], str]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayoodkd.engine.loop import train_loop_per_worker
 
-    started = time.perf_counter()
-    teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)
-    _, info = read_teacher(teacher_path)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = ray_storage_path(cfg.storage_path)
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
-    tracker, resumed = _mlflow_run(cfg, run_name, run_dir, {"method": cfg.method, **(mlflow_tags or {})})
-    log(
-        f"run {run_name}: {'resuming' if resumed else 'starting'}; "
-        f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
-    )
-    datasets, corrupt_images = _datasets(cfg, info.image_size, info.channels)
-    if any(corrupt_images.values()):
-        tracker.log_metrics({f"data/{name}/corrupt_images": n for name, n in corrupt_images.items()}, 0)
-        log("corrupt images skipped: " + ", ".join(f"{name} {n}" for name, n in corrupt_images.items()))
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "teacher_path": str(Path(teacher_path).resolve()),
-            "tracking_uri": tracker.tracking_uri,
-            "mlflow_run_id": tracker.run_id,
-        },
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -179,12 +215,82 @@ def launch(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=sorted(METHODS.get(cfg.method).consumes)),
     )
+    result = trainer.fit()
+    return result.metrics, result.checkpoint.path if result.checkpoint else ""
+
+
+def _train_in_driver(
+    cfg: BaseRunConfig, loop_config: dict[str, Any], datasets: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    import torch
+
+    from rayoodkd.engine.loop import run_worker
+    from rayoodkd.engine.session import DriverSession
+
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    session = DriverSession(datasets, loop_config["run_dir"], cfg.checkpoints_to_keep, device)
+    run_worker(loop_config, session)
+    return session.last_metrics, session.last_checkpoint or ""
+
+
+def launch(
+    cfg: BaseRunConfig,
+    *,
+    callbacks: list[Any] | None = None,
+    mlflow_tags: dict[str, str] | None = None,
+    log: Any = print,
+) -> RunSummary:
+    """Check, then run ``cfg`` (joining ``RAY_ADDRESS`` or starting a local Ray); summarise it.
+
+    Raises :class:`ConfigError` (one line naming the key) for anything wrong with the inputs, before an
+    MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
+    """
+    import ray
+    import ray.data
+
+    started = time.perf_counter()
+    teacher_path, tracking_uri = preflight(cfg, log)
+    _, info = read_teacher(teacher_path)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no execution plan per dataset
+    check_cluster_fits(cfg, log)
+    run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = ray_storage_path(cfg.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    datasets, corrupt_images = _datasets(cfg, info)
+    tags = {"method": cfg.method, **(mlflow_tags or {})}
+    tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, run_dir, tags)
+    log(
+        f"run {run_name}: {'resuming' if previous_status else 'starting'}; "
+        f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
+    )
+    if any(corrupt_images.values()):
+        tracker.log_metrics({f"data/{name}/corrupt_images": n for name, n in corrupt_images.items()}, 0)
+        log("corrupt images skipped: " + ", ".join(f"{name} {n}" for name, n in corrupt_images.items()))
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "teacher_path": str(Path(teacher_path).resolve()),
+        "tracking_uri": tracker.tracking_uri,
+        "mlflow_run_id": tracker.run_id,
+        "run_dir": run_dir,
+    }
     try:
-        result = trainer.fit()
-    except BaseException:
-        tracker.terminate("FAILED")
+        if cfg.num_workers == 0:
+            metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets)
+        else:
+            metrics, checkpoint = _train_on_workers(cfg, loop_config, datasets, run_name, storage, callbacks)
+    except BaseException as error:
+        reason = _record_failure(tracker, previous_status, run_dir, error)
+        if checkpoint_dirs(run_dir):
+            log(
+                f"run {run_name}: checkpoints kept in {run_dir}; "
+                f"launch again with run_name={run_name} to resume"
+            )
+        if isinstance(error, Exception):
+            raise RunFailed(f"run {run_name} failed: {reason}") from error
         raise
-    metrics = result.metrics
     summary = RunSummary(
         method=cfg.method,
         run_name=run_name,
@@ -204,10 +310,10 @@ def launch(
         corrupt_skipped=sum(corrupt_images.values()) + int(metrics.get("data/corrupt_skipped", 0)),
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.tracking_uri,
-        checkpoint=result.checkpoint.path if result.checkpoint else "",
+        checkpoint=checkpoint,
         teacher_checkpoint=str(teacher_path),
     )
-    _finish_tracking(tracker, summary, result)
+    _finish_tracking(tracker, summary)
     if cfg.summary_json:
         path = Path(cfg.summary_json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +321,13 @@ def launch(
     return summary
 
 
-def _finish_tracking(tracker: Tracker, summary: RunSummary, result: Any) -> None:
+def _finish_tracking(tracker: Tracker, summary: RunSummary) -> None:
     tracker.log_metrics({"summary/wall_seconds": summary.wall_seconds}, summary.steps)
     tracker.log_text(summary.table(), "summary.txt")
     tracker.log_text(json.dumps(asdict(summary), indent=2), "summary.json")
-    if result.checkpoint is not None:
-        fs, inner = filesystem(result.checkpoint.path)
+    if summary.checkpoint:
+        fs, inner = filesystem(summary.checkpoint)
         if type(fs).__name__ == "LocalFileSystem":
-            tracker.log_artifact(Path(inner) / "state.pt", "checkpoint")
+            tracker.log_artifact(Path(inner) / STATE_FILE, "checkpoint")
     tracker.set_tags({"checkpoint": summary.checkpoint})
     tracker.terminate("FINISHED")

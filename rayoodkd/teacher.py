@@ -3,11 +3,14 @@
     python -m rayoodkd.teacher --out teacher.pt                      # LeNet-5 on MNIST-5k (the demo recipe)
     python -m rayoodkd.teacher --out t.pt arch=resnet8 epochs=30 train.source=/data/cifar10 ...
     python -m rayoodkd.teacher --show teacher.pt
+    python -m rayoodkd.teacher import --weights resnet18.pth --out t.pt arch=torchvision:resnet18 \
+        num_classes=1000 image_size=224 channels=3 mean=[0.485,0.456,0.406] std=[0.229,0.224,0.225]
 
-A teacher checkpoint holds the architecture, class count, input size and channels, the normalisation the
-teacher was trained with, its validation and test accuracy, the recipe, and a content hash of its weights;
-it is read with ``torch.load(weights_only=True)``. When a run's config gives no ``teacher.checkpoint``, the
-recipe is trained once and cached under the cache directory, keyed by the recipe.
+A teacher checkpoint (``rayoodkd.teacher_io``) holds the architecture, class count, input size and channels,
+the normalisation the teacher was trained with, its validation and test accuracy, the recipe, and a content
+hash of its weights. When a run's config gives no ``teacher.checkpoint``, the recipe is trained once and
+cached under the cache directory, keyed by the recipe. ``import`` wraps a state dict written by another
+project (plain ``state_dict``, or a checkpoint dict holding one under ``state_dict``/``model``).
 """
 
 from __future__ import annotations
@@ -17,80 +20,22 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from rayoodkd.augment import augment_batch
-from rayoodkd.config import ConfigError, TeacherConfig, TeacherRecipe, apply_overrides
+from rayoodkd.config import ConfigError, Section, TeacherConfig, TeacherRecipe, apply_overrides
 from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
-from rayoodkd.engine.checkpoint import state_dict_hash
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.streams import tensor_source
 from rayoodkd.models import build_classifier
-
-FORMAT = "rayoodkd.teacher/1"
-
-
-@dataclass
-class TeacherInfo:
-    """What a teacher checkpoint says about its network."""
-
-    arch: str
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    accuracy: dict[str, float] = field(default_factory=dict)
-    content_hash: str = ""
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-
-def save_teacher(path: str | Path, model: nn.Module, info: TeacherInfo) -> Path:
-    """Write a teacher checkpoint (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    info.content_hash = state_dict_hash(state_dict)
-    payload = {"format": FORMAT, **asdict(info), "mean": list(info.mean), "std": list(info.std)}
-    payload["state_dict"] = state_dict
-    partial = path.with_suffix(path.suffix + ".partial")
-    torch.save(payload, partial)
-    partial.replace(path)
-    return path
-
-
-def read_teacher(path: str | Path) -> tuple[dict[str, Tensor], TeacherInfo]:
-    """The weights and :class:`TeacherInfo` of a checkpoint; the content hash is verified."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher.checkpoint: no such file {str(path)!r}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"teacher.checkpoint {path}: not a rayoodkd teacher (expected format {FORMAT!r})")
-    state_dict = payload.pop("state_dict")
-    payload.pop("format")
-    info = TeacherInfo(**{**payload, "mean": tuple(payload["mean"]), "std": tuple(payload["std"])})
-    if state_dict_hash(state_dict) != info.content_hash:
-        raise ValueError(
-            f"teacher.checkpoint {path}: weights do not match their content hash (corrupt file?)"
-        )
-    return state_dict, info
-
-
-def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TeacherInfo]:
-    """A frozen teacher in eval mode on ``device``, and what its checkpoint says about it."""
-    state_dict, info = read_teacher(path)
-    model = build_classifier(
-        info.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size
-    )
-    model.load_state_dict(state_dict)
-    return model.to(device).eval().requires_grad_(False), info
+from rayoodkd.teacher_io import TeacherInfo, read_teacher, save_teacher
 
 
 def load_tensors(
@@ -193,32 +138,109 @@ def ensure_teacher(teacher: TeacherConfig, cache_dir: str | None = None, log: An
     return path
 
 
+class ImportSpec(Section):
+    """What ``import`` needs to know about foreign weights (they carry no such metadata)."""
+
+    arch: str
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=8)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def _foreign_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # one line, never a traceback
+        what = type(error).__name__
+        raise ConfigError(f"--weights: {path} is not a tensor-only PyTorch file ({what})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
+        raise ConfigError(f"--weights: {path} holds no state dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in payload.items()}
+
+
+def import_teacher(weights: str | Path, out: str | Path, spec: ImportSpec) -> TeacherInfo:
+    """Wrap a foreign state dict as a rayoodkd teacher; every key must match the architecture."""
+    if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
+        raise ConfigError(f"mean/std: need {spec.channels} values each (channels={spec.channels})")
+    try:
+        model = build_classifier(
+            spec.arch,
+            num_classes=spec.num_classes,
+            in_channels=spec.channels,
+            image_size=spec.image_size,
+            **spec.kwargs,
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"arch: {error}") from None
+    try:
+        model.load_state_dict(_foreign_state_dict(Path(weights).expanduser()))
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"--weights: the state dict does not fit arch={spec.arch}: {first[:300]}") from None
+    info = TeacherInfo(spec.arch, spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
+    info.recipe = {"imported_from": str(weights), "kwargs": spec.kwargs}
+    save_teacher(out, model, info)
+    return info
+
+
+def _import_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rayoodkd.teacher import",
+        description="Wrap a state dict from another project as a rayoodkd teacher checkpoint. "
+        "KEY=VALUE keys: " + ", ".join(ImportSpec.model_fields),
+    )
+    parser.add_argument("spec", nargs="*", metavar="KEY=VALUE", help="e.g. arch=resnet18 num_classes=10")
+    parser.add_argument("--weights", required=True, help="the foreign .pth/.pt file")
+    parser.add_argument("--out", required=True, help="where to write the teacher checkpoint")
+    args = parser.parse_args(argv)
+    from rayoodkd.config import build_section
+
+    spec = build_section(ImportSpec, apply_overrides({}, args.spec), "")
+    info = import_teacher(args.weights, args.out, spec)
+    shape = f"{info.num_classes} classes, {info.channels}x{info.image_size}x{info.image_size}"
+    print(f"teacher: imported {info.arch} ({shape}) -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["import"]:
+            return _import_main(argv[1:])
+        return _train_or_show(argv)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _train_or_show(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rayoodkd.teacher",
         description="Train a teacher on a labelled set (held-out val/test) and write a self-describing "
-        "checkpoint, or --show one. Overrides are TeacherRecipe keys: "
-        + ", ".join(TeacherRecipe.model_fields),
+        "checkpoint, or --show one; `python -m rayoodkd.teacher import --help` wraps foreign weights. "
+        "Overrides are TeacherRecipe keys: " + ", ".join(TeacherRecipe.model_fields),
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. epochs=30")
     parser.add_argument("--out", help="where to write the teacher checkpoint")
     parser.add_argument("--show", metavar="PATH", help="print what a teacher checkpoint holds and exit")
     parser.add_argument("--cache-dir", help="corpus cache (default $RAYOODKD_CACHE or ~/.cache/rayoodkd)")
     args = parser.parse_args(argv)
-    try:
-        if args.show:
-            _, info = read_teacher(args.show)
-            print(json.dumps(asdict(info), indent=2))
-            return 0
-        if not args.out:
-            raise ConfigError("--out: required (where to write the teacher checkpoint)")
-        from rayoodkd.config import build_section
+    if args.show:
+        _, info = read_teacher(args.show)
+        print(json.dumps(asdict(info), indent=2))
+        return 0
+    if not args.out:
+        raise ConfigError("--out: required (where to write the teacher checkpoint)")
+    from rayoodkd.config import build_section
 
-        recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
-        train_teacher(recipe, args.out, args.cache_dir)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
+    train_teacher(recipe, args.out, args.cache_dir)
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from rayoodkd.config import ConfigError, preset_names, resolve_config, run_config_model, to_yaml
+from rayoodkd.teacher_io import TeacherFileError
 
 EPILOG = """\
 top-level keys: {keys}
@@ -58,12 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rayoodkd.launch import launch
+        from rayoodkd.launch import RunFailed, launch
 
-        summary = launch(cfg)
-    except (ConfigError, FileNotFoundError) as error:
+        try:
+            summary = launch(cfg)
+        except RunFailed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run keeps its last checkpoint; launch it again to resume", file=sys.stderr)
+        return 130
     print(summary.table())
     return 0
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rayoodkd.models import build_classifier
-from rayoodkd.teacher import TeacherInfo, save_teacher
+from rayoodkd.teacher_io import TeacherInfo, save_teacher
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from rayoodkd.methods import tadfkd as tadfkd_module
 from rayoodkd.methods.losses import BNStatistics, balance_loss, jsdiv, l2_prior, onehot_loss, tv_prior
 from rayoodkd.methods.tadfkd import Selection, fill_selected_batch, gmm_select, teacher_losses
 from rayoodkd.models import build_classifier
-from rayoodkd.teacher import load_teacher
+from rayoodkd.teacher_io import load_teacher
 
 MEAN, STD = (0.13,), (0.31,)
 
@@ -355,5 +355,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, bn_teacher: Path, meth
         for name, tensor in final_a["players"][player].items():
             torch.testing.assert_close(final_b["players"][player][name], tensor, rtol=0, atol=0)
     if method == "deepinv":
-        assert torch.equal(final_a["method"]["pool"], final_b["method"]["pool"])
+        pool_a, pool_b = final_a["ranks"][0]["method"]["pool"], final_b["ranks"][0]["method"]["pool"]
+        assert len(pool_a) > 0 and torch.equal(pool_a, pool_b)
     assert resumed.reports[-1]["test/top1"] == straight.reports[-1]["test/top1"]

@@ -49,12 +49,29 @@ FEATURE_DIMS = {
     "cnn_tiny": 32,
 }
 
+# (channels, height, width) of ``forward_feature_map`` on 32 px inputs (a new registration needs an entry).
+FEATURE_MAP_SHAPES_32PX = {
+    "resnet8": (64, 8, 8),
+    "resnet18": (512, 4, 4),
+    "resnet34": (512, 4, 4),
+    "wrn16_1": (64, 8, 8),
+    "wrn16_2": (128, 8, 8),
+    "wrn40_1": (64, 8, 8),
+    "wrn40_2": (128, 8, 8),
+    "vgg11_bn": (512, 4, 4),
+    "lenet5": (120, 1, 1),
+    "lenet5_half": (60, 1, 1),
+    "cnn_small": (128, 8, 8),
+    "lenet5_bn": (120, 1, 1),
+    "cnn_tiny": (32, 8, 8),
+}
+
 
 # --------------------------------------------------------------------------------------------- registries
 
 
 def test_registered_names() -> None:
-    assert CLASSIFIERS.names() == sorted(FEATURE_DIMS)
+    assert CLASSIFIERS.names() == sorted(FEATURE_DIMS) == sorted(FEATURE_MAP_SHAPES_32PX)
     assert GENERATORS.names() == ["augkd", "cmi", "dfad", "mosaickd", "tadfkd"]
     assert DISCRIMINATORS.names() == ["full_image", "mosaickd_official", "patch"]
 
@@ -85,12 +102,15 @@ def test_duplicate_registration_rejected() -> None:
 
 
 @pytest.mark.parametrize(("num_classes", "in_channels", "image_size"), [(10, 1, 28), (100, 3, 32)])
-@pytest.mark.parametrize("name", sorted(FEATURE_DIMS))
+@pytest.mark.parametrize("name", CLASSIFIERS.names())
 def test_classifier_interface(name: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """Logits are ``fc(pool_features(forward_feature_map(x)))`` exactly, with the declared sizes."""
     torch.manual_seed(0)
     model = build_classifier(name, num_classes, in_channels, image_size).eval()
     x = torch.randn(2, in_channels, image_size, image_size)
     with torch.no_grad():
+        feature_map = model.forward_feature_map(x)
+        pooled = model.pool_features(feature_map)
         features = model.forward_features(x)
         logits = model(x)
     assert model.feature_dim == FEATURE_DIMS[name]
@@ -99,6 +119,67 @@ def test_classifier_interface(name: str, num_classes: int, in_channels: int, ima
     assert (model.fc.in_features, model.fc.out_features) == (model.feature_dim, num_classes)
     assert logits.shape == (2, num_classes)
     torch.testing.assert_close(logits, model.fc(features), rtol=0, atol=0)
+
+    batch, channels, height, width = feature_map.shape
+    assert (batch, channels) == (2, model.feature_map_channels)
+    assert height > 0 and width > 0
+    if image_size == 32:
+        assert (channels, height, width) == FEATURE_MAP_SHAPES_32PX[name]
+    torch.testing.assert_close(pooled, features, rtol=0, atol=0)
+    torch.testing.assert_close(model.fc(pooled), logits, rtol=0, atol=0)
+
+
+def test_cifar_resnet18_feature_map_is_kd3_512x4x4() -> None:
+    """KD3 projects the 512×4×4 last feature maps of CIFAR ResNet-18; its features are their spatial mean."""
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feature_map = model.forward_feature_map(x)
+        features = model.forward_features(x)
+    assert feature_map.shape == (3, 512, 4, 4)
+    torch.testing.assert_close(features, feature_map.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("name", "map_channels", "feature_dim"), [("resnet18", 512, 512), ("mobilenet_v3_small", 576, 1024)]
+)
+def test_torchvision_feature_map_splits_the_torchvision_forward(
+    name: str, map_channels: int, feature_dim: int
+) -> None:
+    """The feature-map path reproduces torchvision's own forward exactly, dropout included in training."""
+    torch.manual_seed(0)
+    model = build_classifier(f"torchvision:{name}", 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feature_map = model.forward_feature_map(x)
+        logits = model(x)
+        torch.testing.assert_close(model.fc(model.pool_features(feature_map)), logits, rtol=0, atol=0)
+        torch.testing.assert_close(model.fc(model.backbone(x)), logits, rtol=0, atol=0)
+        model.train()
+        torch.manual_seed(1)
+        train_logits = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(model.fc(model.backbone(x)), train_logits, rtol=0, atol=0)
+    assert model.feature_map_channels == map_channels
+    assert model.feature_dim == feature_dim
+    assert feature_map.shape == (2, map_channels, 2, 2)
+
+
+def test_torchvision_vit_has_no_feature_map() -> None:
+    from rayoodkd.models.classifiers import TorchvisionClassifier
+
+    vit = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8, num_classes=4
+    )
+    model = TorchvisionClassifier(vit, "heads.head").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.fc(model.backbone(x)), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="VisionTransformer has no feature map"):
+        model.forward_feature_map(x)
+    with pytest.raises(TypeError, match="VisionTransformer has no feature map"):
+        _ = model.feature_map_channels
 
 
 @pytest.mark.parametrize(("name", "params"), [("resnet18", 11_173_962), ("resnet34", 21_282_122)])

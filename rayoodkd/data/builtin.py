@@ -401,7 +401,9 @@ def materialize_builtin(
 
     The directory is keyed by (name, split, num_images, seed, format version) and published atomically
     (temp dir + rename), so concurrent callers are safe and later calls reuse it. The seed only matters for
-    generated sets; the real digit sets always use the fixed split seed.
+    generated sets; the real digit sets always use the fixed split seed. A hash split
+    (``CorpusConfig.split_fractions``) reads the unsplit "all" set from here and splits it while reading, so
+    its fractions and seed never enter the key.
     """
     split = _check_args(name, split, num_images)
     count = num_images or (DEFAULT_GENERATED_IMAGES if name in GENERATED_SOURCES else "all")

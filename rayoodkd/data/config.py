@@ -1,10 +1,11 @@
-"""Corpus configuration: where images come from and how to read them."""
+"""Corpus configuration: where images come from, how to read them, and which part of them to use."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS
 
@@ -16,6 +17,12 @@ SPLITS_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "cifar": ("train", "test"),
     "idx": ("train", "test"),
 }
+# Formats made of separate train/test files, one of which ``archive_split`` picks under a hash split.
+ARCHIVE_FORMATS: tuple[str, ...] = ("cifar", "idx")
+# The parts of a hash split, in the order of ``split_fractions``.
+SPLIT_PARTS: tuple[str, ...] = ("train", "val", "test")
+SplitFractions = tuple[float, float, float]
+SPLIT_FRACTIONS_TOLERANCE = 1e-6
 
 
 def check_split(fmt: str, split: str | None) -> None:
@@ -23,6 +30,15 @@ def check_split(fmt: str, split: str | None) -> None:
     allowed = SPLITS_BY_FORMAT.get(fmt)
     if split is not None and allowed is not None and split not in allowed:
         raise ValueError(f"split: {split!r} is not valid for format {fmt!r}; allowed: {', '.join(allowed)}")
+
+
+def check_archive_split(fmt: str, archive_split: str | None) -> None:
+    """Raise ``ValueError`` naming ``archive_split`` if it is set for a format without archive parts."""
+    if archive_split is not None and fmt not in ARCHIVE_FORMATS:
+        raise ValueError(
+            f"archive_split: only {' and '.join(ARCHIVE_FORMATS)} sources have archive parts, "
+            f"not format {fmt!r}"
+        )
 
 
 class CorpusConfig(BaseModel):
@@ -34,6 +50,17 @@ class CorpusConfig(BaseModel):
     ``.npy``/``.npz`` -> numpy; anything else -> image_folder. ``split`` defaults to "train" for builtin,
     cifar and idx directories. ``num_images`` is how many images a generated builtin set renders, and an
     upper limit for every other source. With ``labelled=False`` every label is -1.
+
+    Hash split, for any source: with ``split_fractions=(train, val, test)`` (each >= 0, summing to 1) the
+    source's rows are divided into three disjoint parts and ``split`` (required: train, val or test) picks
+    one. A row's part comes from a blake2b hash, keyed by ``split_seed``, of its content (the encoded image
+    bytes, or the raw pixel bytes of array sources) mapped to [0, 1) and cut at the cumulative fractions.
+    So the split is the same on every run and machine, needs no shuffle (it streams over any number of rows),
+    part sizes match the fractions up to sampling noise, and identical images (the same bytes) always land in
+    the same part: duplicates never leak across parts. The hash split reads the whole source: every image of
+    a builtin set (its "all" part; a generated set renders ``num_images`` first), and for cifar/idx the
+    archive part ``archive_split`` (default "train"; allowed only under a hash split). ``num_images`` then
+    caps the chosen part. Without ``split_fractions`` every key keeps the meaning above.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -45,6 +72,32 @@ class CorpusConfig(BaseModel):
     label_column: str | None = "label"
     num_images: int | None = Field(default=None, gt=0)
     labelled: bool = True
+    split_fractions: SplitFractions | None = None
+    split_seed: int = Field(default=0, ge=0, lt=2**64)
+    archive_split: Literal["train", "test"] | None = None
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether the source is a builtin set (named with ``format`` builtin or auto)."""
+        return self.format == "builtin" or (self.format == "auto" and self.source in BUILTIN_SOURCES)
+
+    @property
+    def source_split(self) -> str | None:
+        """The part of the source that is read, before any hash split (None: the format's default)."""
+        if self.split_fractions is None:
+            return self.split
+        return "all" if self.is_builtin else self.archive_split
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _check_fractions(cls, fractions: SplitFractions | None) -> SplitFractions | None:
+        # ``not f >= 0`` also rejects NaN, which every comparison fails.
+        if fractions is not None and (
+            any(not f >= 0 for f in fractions)
+            or not math.isclose(sum(fractions), 1.0, rel_tol=0.0, abs_tol=SPLIT_FRACTIONS_TOLERANCE)
+        ):
+            raise ValueError(f"need (train, val, test), each >= 0, summing to 1; got {fractions}")
+        return fractions
 
     @model_validator(mode="after")
     def _check(self) -> CorpusConfig:
@@ -52,6 +105,19 @@ class CorpusConfig(BaseModel):
             raise ValueError(
                 f"source: unknown builtin set {self.source!r}; allowed: {', '.join(BUILTIN_SOURCES)}"
             )
-        is_builtin = self.format == "builtin" or (self.format == "auto" and self.source in BUILTIN_SOURCES)
-        check_split("builtin" if is_builtin else self.format, self.split)
+        fmt = "builtin" if self.is_builtin else self.format
+        if self.split_fractions is None:
+            if self.archive_split is not None:
+                raise ValueError(
+                    "archive_split: only used with split_fractions; without them split picks the archive part"
+                )
+            check_split(fmt, self.split)
+            return self
+        if self.split not in SPLIT_PARTS:
+            raise ValueError(
+                f"split: must be one of {', '.join(SPLIT_PARTS)} when split_fractions is set, "
+                f"got {self.split!r}"
+            )
+        if fmt != "auto":
+            check_archive_split(fmt, self.archive_split)
         return self

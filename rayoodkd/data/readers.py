@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -12,6 +13,7 @@ import re
 import struct
 import tarfile
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,8 +24,8 @@ import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-from rayoodkd.data.builtin import BUILTIN_SOURCES, LETTERS, materialize_builtin
-from rayoodkd.data.config import CorpusConfig, check_split
+from rayoodkd.data.builtin import GENERATED_SOURCES, LETTERS, materialize_builtin
+from rayoodkd.data.config import SPLIT_PARTS, CorpusConfig, check_archive_split, check_split
 from rayoodkd.data.decode import decode_batch
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm")
@@ -86,15 +88,17 @@ def _detect(fs: pafs.FileSystem, path: str) -> str:
 def resolve_format(cfg: CorpusConfig) -> str:
     """The concrete format of ``cfg`` (``auto`` detected), after checking that a local/URI source exists.
 
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a split the format does not allow.
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for a split (or archive split) the
+    format does not allow.
     """
-    if cfg.format == "builtin" or (cfg.format == "auto" and cfg.source in BUILTIN_SOURCES):
+    if cfg.is_builtin:
         return "builtin"
     fs, path = filesystem_and_path(cfg.source)
     if not _GLOB_CHARS.search(path) and fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"source: path not found: {cfg.source}")
     fmt = _detect(fs, path) if cfg.format == "auto" else cfg.format
-    check_split(fmt, cfg.split)
+    check_split(fmt, cfg.source_split)
+    check_archive_split(fmt, cfg.archive_split)
     return fmt
 
 
@@ -111,6 +115,43 @@ def class_names_of(cfg: CorpusConfig) -> list[str] | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------ hash split
+
+
+def split_parts_of(contents: Iterable[object], fractions: Sequence[float], seed: int) -> np.ndarray:
+    """The hash-split part (0 train, 1 val, 2 test) of each row content: bytes, an array of pixels or None.
+
+    A row's blake2b hash keyed by ``seed`` becomes a uniform number in [0, 1) (its top 53 bits, so exactly
+    representable and below 1) that is cut at the cumulative fractions, normalised to end at exactly 1 so a
+    zero fraction gets no rows.
+    """
+    key = seed.to_bytes(8, "little")
+    digests = b"".join(
+        hashlib.blake2b(_content_bytes(content), digest_size=8, key=key).digest() for content in contents
+    )
+    uniform = (np.frombuffer(digests, dtype="<u8") >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    train, val, test = fractions
+    total = train + val + test
+    bounds = np.array([train / total, (train + val) / total])
+    return np.searchsorted(bounds, uniform, side="right").astype(np.int8)
+
+
+def _content_bytes(content: object) -> bytes | memoryview:
+    if content is None:  # a null image cell: hashed as empty content, decoded as corrupt
+        return b""
+    if isinstance(content, bytes | bytearray | memoryview):
+        return content
+    return memoryview(np.ascontiguousarray(content))
+
+
+def _keep_split_part(batch: pa.Table, fractions: Sequence[float], seed: int, part: int) -> pa.Table:
+    """The rows of ``batch`` whose ``image`` content hashes into ``part`` (a ``map_batches`` step)."""
+    contents = (
+        item for chunk in batch.column("image").chunks for item in chunk.to_numpy(zero_copy_only=False)
+    )
+    return batch.filter(pa.array(split_parts_of(contents, fractions, seed) == part))
+
+
 # ---------------------------------------------------------------------------------------------------- readers
 
 
@@ -122,20 +163,24 @@ def load_corpus(
 
     Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of
     generated sets) and then read like any parquet corpus. CIFAR, IDX and numpy sources are read into the
-    driver's memory, the others are read lazily by Ray Data.
+    driver's memory, the others are read lazily by Ray Data. With ``cfg.split_fractions`` the rows are hash
+    split before decoding (see ``CorpusConfig``), and ``num_images`` caps the chosen part.
     """
     if image_size <= 0:
         raise ValueError(f"image_size: must be positive, got {image_size}")
     if channels not in (1, 3):
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
     fmt = resolve_format(cfg)
-    limit = cfg.num_images
+    rendered = fmt == "builtin" and cfg.source in GENERATED_SOURCES
+    # Without a hash split the limit is cheapest at the source (a smaller builtin cache, fewer arrays sent
+    # from the driver); with one it must wait until after the split. A generated set renders num_images.
+    source_limit = cfg.num_images if rendered or cfg.split_fractions is None else None
+    limit = None if rendered else cfg.num_images
     if fmt == "builtin":
-        out = materialize_builtin(cfg.source, cfg.split, cfg.num_images, seed, cache_dir)
+        out = materialize_builtin(cfg.source, cfg.source_split, source_limit, seed, cache_dir)
         ds = _read_parquet(
             cfg.model_copy(update={"image_column": "image", "label_column": "label"}), str(out)
         )
-        limit = None
     elif fmt == "parquet":
         ds = _read_parquet(cfg, cfg.source)
     elif fmt == "image_folder":
@@ -144,8 +189,18 @@ def load_corpus(
         images, labels = {"cifar": _cifar_arrays, "idx": _idx_arrays, "numpy": _numpy_arrays}[fmt](cfg)
         if len(images) == 0:
             raise ValueError(f"source: {cfg.source} holds no images")
-        ds = _from_arrays(images[:limit], labels[:limit] if labels is not None and cfg.labelled else None)
-        limit = None
+        kept_labels = labels[:source_limit] if labels is not None and cfg.labelled else None
+        ds = _from_arrays(images[:source_limit], kept_labels)
+    if cfg.split_fractions is not None:
+        ds = ds.map_batches(
+            _keep_split_part,
+            fn_kwargs={
+                "fractions": cfg.split_fractions,
+                "seed": cfg.split_seed,
+                "part": SPLIT_PARTS.index(cfg.split),
+            },
+            batch_format="pyarrow",
+        )
     if limit is not None:
         ds = ds.limit(limit)
     return ds.map_batches(
@@ -339,7 +394,7 @@ def _cifar_order(name: str) -> int:
 def _cifar_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10/100 python batches from a ``.tar.gz`` archive or an extracted directory (HWC uint8)."""
     fs, path = filesystem_and_path(cfg.source)
-    split = cfg.split or "train"
+    split = cfg.source_split or "train"
     found: dict[str, bytes] = {}
     if fs.get_file_info(path).type == pafs.FileType.File:
         with (
@@ -394,7 +449,7 @@ def _idx_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """
     fs, path = filesystem_and_path(cfg.source)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        stem = "train" if (cfg.split or "train") == "train" else "t10k"
+        stem = "train" if (cfg.source_split or "train") == "train" else "t10k"
         names = [f"{stem}-images-idx3-ubyte", f"{stem}-images.idx3-ubyte"]
         images_path = _existing(fs, [posixpath.join(path, n + gz) for n in names for gz in ("", ".gz")])
         if images_path is None:

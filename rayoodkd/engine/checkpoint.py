@@ -1,23 +1,43 @@
-"""Self-describing, exactly-resumable checkpoints of a whole run.
+"""Self-describing, exactly-resumable, verifiable checkpoints of a whole run.
 
-One file, ``state.pt``, holds every player (unwrapped, so it loads at any world size), optimizer,
-scheduler, GradScaler, the method's extra state, each rank's RNG and stream positions, the step, the
-resolved config, library versions and the teacher's content hash. It is read with
-``torch.load(weights_only=True)``: nothing in it is pickled code.
+A checkpoint is a directory ``step_NNNNNNN`` with two files. ``state.pt`` holds every player (unwrapped, so
+it loads at any world size), optimizer, scheduler, GradScaler, each rank's method state, RNG and stream
+positions, the step, the resolved config, library versions and the teacher's content hash; it is read with
+``torch.load(weights_only=True)``: nothing in it is pickled code. ``manifest.json`` is written *after* it and
+holds its SHA-256 and size, so a checkpoint cut short by a crash, a kill during upload or a full disk is
+recognised as such, and resuming falls back to the newest intact one (:func:`newest_intact`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import random
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
+from rayoodkd.storage import filesystem
+
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
 FORMAT = "rayoodkd.run/1"
+CHECKPOINT_DIR = re.compile(r"^step_(\d+)(-[0-9a-f]+)?$")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be trusted: missing files, a hash mismatch, or an unreadable state."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The directory name of the checkpoint taken at ``step``."""
+    return f"step_{step:07d}"
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -49,21 +69,98 @@ def _as_tuple(value: Any) -> Any:
 
 
 def save_state(directory: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus the format tag) as ``directory/state.pt``."""
+    """Write ``payload`` (plus the format tag) as ``directory/state.pt``, then its manifest."""
     path = Path(directory) / STATE_FILE
     torch.save({"format": FORMAT, **payload}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = {
+        "format": FORMAT,
+        "step": int(payload["step"]),
+        "sha256": digest,
+        "bytes": path.stat().st_size,
+    }
+    (Path(directory) / MANIFEST_FILE).write_text(json.dumps(manifest))
     return path
 
 
+def _read_file(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_file(path) as stream:
+        return stream.read()
+
+
 def load_state(directory: str | Path) -> dict[str, Any]:
-    """Read a run checkpoint written by :func:`save_state` (weights only)."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
+    """Read and verify a run checkpoint written by :func:`save_state` (a local path or a storage URI).
+
+    Raises :class:`CorruptCheckpoint` (saying what is wrong with which file) for a truncated or altered
+    ``state.pt``, a missing manifest, or a state that does not load; ``FileNotFoundError`` if there is no
+    ``state.pt`` at all.
+    """
+    fs, root = filesystem(str(directory))
+    state_path, manifest_path = f"{root}/{STATE_FILE}", f"{root}/{MANIFEST_FILE}"
+    if fs.get_file_info(state_path).type != pafs.FileType.File:
         raise FileNotFoundError(f"checkpoint {directory}: no {STATE_FILE} inside")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: format {state.get('format')!r}, expected {FORMAT!r}")
+    if fs.get_file_info(manifest_path).type != pafs.FileType.File:
+        raise CorruptCheckpoint(f"{directory}: no {MANIFEST_FILE} (the checkpoint was not finished)")
+    try:
+        manifest = json.loads(_read_file(fs, manifest_path))
+        expected = str(manifest["sha256"])
+    except (ValueError, KeyError) as error:
+        raise CorruptCheckpoint(f"{directory}/{MANIFEST_FILE}: unreadable ({error})") from None
+    data = _read_file(fs, state_path)
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpoint(
+            f"{directory}/{STATE_FILE}: content hash mismatch ({len(data)} bytes, "
+            f"{manifest.get('bytes')} expected): truncated or altered"
+        )
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # a verified but unloadable file is still only a skipped checkpoint
+        raise CorruptCheckpoint(f"{directory}/{STATE_FILE}: does not load ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CorruptCheckpoint(
+            f"{directory}/{STATE_FILE}: format {state.get('format')!r}, expected {FORMAT!r}"
+        )
     return state
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, and the newer ones that were skipped (with the reason)."""
+
+    directory: str | None = None
+    state: dict[str, Any] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``step_*`` directory under ``run_dir`` (any storage), newest first."""
+    fs, root = filesystem(run_dir)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        match = CHECKPOINT_DIR.match(info.base_name)
+        if info.type == pafs.FileType.Directory and match:
+            found.append((int(match.group(1)), f"{run_dir.rstrip('/')}/{info.base_name}"))
+    return sorted(found, reverse=True)  # a suffixed re-take of a step sorts before the plain name
+
+
+def newest_intact(run_dir: str) -> ResumePoint:
+    """The newest checkpoint under ``run_dir`` that verifies, loaded; newer broken ones are listed as skipped.
+
+    This reads the storage itself rather than only what Ray Train registered, so a checkpoint whose upload
+    finished just before a kill is still used, and one cut short is never used.
+    """
+    point = ResumePoint()
+    for _, directory in checkpoint_dirs(run_dir):
+        try:
+            state = load_state(directory)
+        except (CorruptCheckpoint, FileNotFoundError) as error:
+            point.skipped.append((directory, str(error)))
+            continue
+        point.directory, point.state = directory, state
+        return point
+    return point
 
 
 def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:

@@ -9,6 +9,8 @@ the held-out in-domain set, and ``report`` with a checkpoint of everything neede
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import time
 from typing import Any
 
@@ -24,7 +26,11 @@ from rayoodkd.engine.streams import DeviceStreams
 from rayoodkd.engine.tracking import Tracker
 from rayoodkd.methods import METHODS, Method, RunContext, unwrap
 from rayoodkd.models import build_classifier
-from rayoodkd.teacher import load_teacher
+from rayoodkd.storage import read_json, write_json
+from rayoodkd.teacher_io import TeacherInfo, load_teacher
+
+THROUGHPUT_KEY = "throughput/images_per_second"
+FAULT_MARKER = "debug_fault_fired.json"
 
 
 class InjectedFailure(RuntimeError):
@@ -33,7 +39,7 @@ class InjectedFailure(RuntimeError):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
-    run_worker(loop_config, RaySession())
+    run_worker(loop_config, RaySession(loop_config["run_dir"]))
 
 
 def _seed_rank(seed: int, rank: int, device: torch.device) -> torch.Generator:
@@ -58,6 +64,54 @@ def _sum_across_ranks(values: list[float], device: torch.device, world_size: int
     return tensor.tolist()
 
 
+def build_student(cfg: BaseRunConfig, info: TeacherInfo, device: torch.device) -> nn.Module:
+    """The configured student, shaped for the teacher's classes, channels and input size."""
+    return build_classifier(
+        cfg.student.arch,
+        num_classes=info.num_classes,
+        in_channels=info.channels,
+        image_size=info.image_size,
+        **cfg.student.kwargs,
+    ).to(device)
+
+
+def run_context(
+    cfg: BaseRunConfig,
+    info: TeacherInfo,
+    device: torch.device,
+    generator: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RunContext:
+    """What a method is told about where it runs (AMP: bf16 on CPU, fp16 on CUDA)."""
+    amp_dtype = None
+    if cfg.amp:
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return RunContext(
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        generator=generator,
+        num_classes=info.num_classes,
+        image_size=info.image_size,
+        channels=info.channels,
+        mean=info.mean,
+        std=info.std,
+        max_steps=cfg.max_steps,
+        amp_dtype=amp_dtype,
+    )
+
+
+def build_method(
+    cfg: BaseRunConfig, teacher: nn.Module, student: nn.Module, info: TeacherInfo, device: torch.device
+) -> Method:
+    """The configured method around ``teacher`` and ``student`` in a one-process context (pre-flight)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return METHODS.get(cfg.method)(
+        teacher, student, cfg.method_config(), run_context(cfg, info, device, generator)
+    )
+
+
 class Worker:
     """One rank of a run: the method, its data streams, evaluation, checkpoints and logging."""
 
@@ -67,14 +121,10 @@ class Worker:
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
         self.teacher, self.teacher_info = load_teacher(loop_config["teacher_path"], self.device)
         self.generator = _seed_rank(self.cfg.seed, self.rank, self.device)
-        self.ctx = self._context()
-        student = build_classifier(
-            self.cfg.student.arch,
-            num_classes=self.teacher_info.num_classes,
-            in_channels=self.teacher_info.channels,
-            image_size=self.teacher_info.image_size,
-            **self.cfg.student.kwargs,
-        ).to(self.device)
+        self.ctx = run_context(
+            self.cfg, self.teacher_info, self.device, self.generator, self.rank, self.world_size
+        )
+        student = build_student(self.cfg, self.teacher_info, self.device)
         self.method: Method = METHODS.get(self.cfg.method)(
             self.teacher, student, self.cfg.method_config(), self.ctx
         )
@@ -85,6 +135,10 @@ class Worker:
             self.ctx,
             self.cfg.data.augment,
         )
+        self.stages = self.method.stages()
+        self.total_steps = sum(stage.steps for stage in self.stages)
+        self.stage_index = self.stage_step = 0
+        self.stage_best: dict[str, Any] | None = None
         self.step = 0
         self.best_val = -1.0
         self.best_step = 0
@@ -92,39 +146,32 @@ class Worker:
         self.train_seconds = 0.0
         self.images_seen = 0.0
         self.resumed_from = 0
-        state = session.latest_state()
+        point = session.resume_point()
+        state = point.state
+        if self.rank == 0:
+            for directory, reason in point.skipped:
+                print(f"resume: skipped checkpoint {directory}: {reason}", flush=True)
+            if point.directory and point.skipped:
+                print(f"resume: resuming from {point.directory}", flush=True)
         if state is not None:
             self._restore(state)
         self.initial_student_hash = self._student_hash() if state is None else state["initial_student_hash"]
-        for name, player in self.method.players().items():
-            setattr(self.method, name, session.distribute(player, self.method_needs_unused_params()))
         self.val = self._eval_set("val")
         self.test = self._eval_set("test")
         self.teacher_test_top1 = self.evaluate_on("test", self.teacher)["top1"]
+        self.fault_marker = f"{session.run_dir}/{FAULT_MARKER}"
+        self.faults_armed = read_json(self.fault_marker) is None
         run_id = loop_config.get("mlflow_run_id")
         self.tracker = Tracker(loop_config["tracking_uri"], run_id) if self.rank == 0 and run_id else None
+        # Steps a killed attempt logged after its last checkpoint are re-run but not logged twice.
+        self.logged_through = 0
+        if self.tracker is not None and state is not None:
+            self.logged_through = self.tracker.last_logged_step(THROUGHPUT_KEY)
+            if point.skipped:
+                self.tracker.set_tags({"resume.skipped_checkpoints": "; ".join(d for d, _ in point.skipped)})
 
     def method_needs_unused_params(self) -> bool:
         return bool(getattr(self.method, "find_unused_parameters", False))
-
-    def _context(self) -> RunContext:
-        info = self.teacher_info
-        amp_dtype = None
-        if self.cfg.amp:
-            amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return RunContext(
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world_size,
-            generator=self.generator,
-            num_classes=info.num_classes,
-            image_size=info.image_size,
-            channels=info.channels,
-            mean=info.mean,
-            std=info.std,
-            max_steps=self.cfg.max_steps,
-            amp_dtype=amp_dtype,
-        )
 
     def _eval_set(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.session.eval_set(name)
@@ -140,12 +187,16 @@ class Worker:
         for name, scaler in self.ctx.scalers.items():
             if name in state.get("scalers", {}):
                 scaler.load_state_dict(state["scalers"][name])
-        self.method.load_extra_state(state["method"])
+        ranks = state["ranks"]
+        own = ranks[self.rank] if len(ranks) == self.world_size else ranks[0]
+        self.method.load_extra_state(own.get("method", state.get("method", {})))
         self.step = self.resumed_from = int(state["step"])
+        self.stage_index = int(state.get("stage", 0))
+        self.stage_step = int(state.get("stage_step", self.step))
+        self.stage_best = state.get("stage_best")
         self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
         self.best_student = state["best_student"]
         self.train_seconds, self.images_seen = float(state["train_seconds"]), float(state["images_seen"])
-        ranks = state["ranks"]
         if len(ranks) == self.world_size:
             set_rng_state(ranks[self.rank]["rng"], self.generator)
             self.streams.load_state_dict(ranks[self.rank]["streams"])
@@ -153,16 +204,21 @@ class Worker:
             self.generator.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + self.step)
 
     def _payload(self) -> dict[str, Any]:
-        ranks = _gather(
-            {"rng": rng_state(self.generator), "streams": self.streams.state_dict()}, self.world_size
-        )
+        own = {
+            "rng": rng_state(self.generator),
+            "streams": self.streams.state_dict(),
+            "method": self.method.extra_state(),
+        }
+        ranks = _gather(own, self.world_size)
         return {
             "step": self.step,
+            "stage": self.stage_index,
+            "stage_step": self.stage_step,
+            "stage_best": self.stage_best,
             "players": {name: unwrap(p).state_dict() for name, p in self.method.players().items()},
             "optimizers": {name: o.state_dict() for name, o in self.method.optimizers().items()},
             "schedulers": {name: s.state_dict() for name, s in self.method.schedulers().items()},
             "scalers": {name: s.state_dict() for name, s in self.ctx.scalers.items()},
-            "method": self.method.extra_state(),
             "best_val": self.best_val,
             "best_step": self.best_step,
             "best_student": self.best_student,
@@ -186,12 +242,21 @@ class Worker:
         )
         self.images_seen += images
         metrics = {key: sum(values) / len(values) for key, values in pending.items() if values}
-        metrics["data/corrupt_skipped"] = corrupt
-        metrics["throughput/images_per_second"] = self.images_seen / max(self.train_seconds, 1e-9)
-        if self.tracker is not None:
-            self.tracker.log_metrics(metrics, self.step)
+        bookkeeping = {
+            "data/corrupt_skipped": corrupt,
+            THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9),
+        }
+        if self.tracker is not None and self.step > self.logged_through:
+            self.tracker.log_metrics({**self._in_stage(metrics), **bookkeeping}, self.step)
         pending.clear()
-        return metrics
+        return {**metrics, **bookkeeping}
+
+    def _in_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``train_step`` metrics under the current stage's name, for a method with several stages."""
+        if len(self.stages) == 1:
+            return metrics
+        prefix = self.stages[self.stage_index].name
+        return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
     def evaluate_on(self, name: str, model: nn.Module) -> dict[str, float]:
         images, labels = self.val if name == "val" else self.test
@@ -212,9 +277,10 @@ class Worker:
         if val["top1"] > self.best_val:
             self.best_val, self.best_step = val["top1"], self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+        self._select(metrics, val)
         student_hash = self._student_hash()
         report = {
-            **metrics,
+            **self._in_stage(metrics),
             "ddp/replicas_identical": float(len(set(_gather(student_hash, self.world_size))) == 1),
             "student/changed_from_init": float(student_hash != self.initial_student_hash),
             "step": self.step,
@@ -224,14 +290,16 @@ class Worker:
             "best_val/top1": self.best_val,
             "best_val/step": self.best_step,
             "resumed_from_step": self.resumed_from,
+            **({"stage": float(self.stage_index)} if len(self.stages) > 1 else {}),
             "teacher/test_top1": self.teacher_test_top1,
             "train_seconds": self.train_seconds,
         }
         if final:
             report.update(self._final_metrics(student))
         samples = self.method.samples()
-        if self.tracker is not None:
-            self.tracker.log_metrics({k: v for k, v in report.items() if k not in metrics}, self.step)
+        if self.tracker is not None and self.step > self.logged_through:
+            logged = self._in_stage(metrics)
+            self.tracker.log_metrics({k: v for k, v in report.items() if k not in logged}, self.step)
             if samples is not None:
                 self.tracker.log_image_grid(samples[:64], f"samples/step_{self.step:07d}.png")
         payload = self._payload()
@@ -242,6 +310,39 @@ class Worker:
         else:
             self.session.report(report, None, self.step)
 
+    def _select(self, metrics: dict[str, float], val: dict[str, float]) -> None:
+        """Keep a snapshot of every player at the stage's best evaluation (for ``reload_best``)."""
+        stage = self.stages[self.stage_index]
+        score = {**metrics, **{f"val/{key}": value for key, value in val.items()}}.get(stage.select)
+        if not stage.reload_best or score is None:
+            return
+        if stage.better(score, None if self.stage_best is None else self.stage_best["score"]):
+            players = {
+                name: {k: v.detach().cpu().clone() for k, v in unwrap(p).state_dict().items()}
+                for name, p in self.method.players().items()
+            }
+            self.stage_best = {"score": float(score), "step": self.step, "players": players}
+
+    def _enter(self, index: int) -> None:
+        """Start (or resume inside) stage ``index``: DDP-wrap the players it trains, unwrap the others."""
+        if index != self.stage_index:
+            self.stage_index, self.stage_step, self.stage_best = index, 0, None
+            self.best_val, self.best_step, self.best_student = -1.0, 0, None
+        stage = self.stages[index]
+        self.ctx.stage, self.ctx.stage_step = stage.name, self.stage_step
+        trained = set(stage.trains or self.method.players())
+        for name, player in self.method.players().items():
+            module = unwrap(player)
+            if name in trained:
+                module = self.session.distribute(module, self.method_needs_unused_params())
+            setattr(self.method, name, module)
+
+    def _leave(self) -> None:
+        """End the current stage: reload its selected snapshot when the stage asks for it."""
+        if self.stages[self.stage_index].reload_best and self.stage_best is not None:
+            for name, player in self.method.players().items():
+                unwrap(player).load_state_dict(self.stage_best["players"][name])
+
     def _final_metrics(self, student: nn.Module) -> dict[str, float]:
         test = self.evaluate_on("test", student)
         result = {"test/top1": test["top1"], "test/top5": test["top5"], "test/agreement": test["agreement"]}
@@ -251,28 +352,44 @@ class Worker:
             result["test/top1_at_best_val"] = self.evaluate_on("test", best)["top1"]
         return result
 
+    def _inject_faults(self) -> None:
+        """``debug.fail_at_step`` / ``kill_at_step``: each fires once per run directory (a marker file
+        remembers it), so the attempt that resumes after it trains on."""
+        debug = self.cfg.debug
+        if not self.faults_armed or self.step not in (debug.fail_at_step, debug.kill_at_step):
+            return
+        if self.step == debug.kill_at_step and self.rank == self.world_size - 1:
+            write_json(self.fault_marker, {"kill_at_step": self.step})
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == debug.fail_at_step:
+            if self.rank == 0:
+                write_json(self.fault_marker, {"fail_at_step": self.step})
+            raise InjectedFailure(f"debug.fail_at_step={self.step}: injected worker failure")
+
     def run(self) -> None:
         cfg = self.cfg
-        fresh_attempt = self.resumed_from == 0
         pending: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
-        while self.step < cfg.max_steps:
-            self.step += 1
-            if fresh_attempt and cfg.debug.fail_at_step == self.step:
-                raise InjectedFailure(f"debug.fail_at_step={self.step}: injected worker failure")
-            started = time.perf_counter()
-            for key, value in self.method.train_step(self.streams).items():
-                pending.setdefault(key, []).append(value)
-            self.train_seconds += time.perf_counter() - started
-            final = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or self.step % cfg.eval.every == 0 or final:
-                metrics = self._log(pending)
-            if self.step % cfg.eval.every == 0 or final:
-                self._report(metrics, final)
-        if self.resumed_from >= cfg.max_steps:
-            self._report(
-                {"throughput/images_per_second": self.images_seen / max(self.train_seconds, 1e-9)}, True
-            )
+        for index in range(self.stage_index, len(self.stages)):
+            self._enter(index)
+            stage = self.stages[index]
+            while self.stage_step < stage.steps:
+                self.step += 1
+                self.stage_step += 1
+                self.ctx.stage_step = self.stage_step
+                self._inject_faults()
+                started = time.perf_counter()
+                for key, value in self.method.train_step(self.streams).items():
+                    pending.setdefault(key, []).append(value)
+                self.train_seconds += time.perf_counter() - started
+                stage_end = self.stage_step == stage.steps
+                if self.step % cfg.log_every == 0 or self.step % cfg.eval.every == 0 or stage_end:
+                    metrics = self._log(pending)
+                if self.step % cfg.eval.every == 0 or stage_end:
+                    self._report(metrics, final=self.step == self.total_steps)
+            self._leave()
+        if self.resumed_from >= self.total_steps:
+            self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)
 
 
 def run_worker(loop_config: dict[str, Any], session: Session) -> None:

@@ -1,31 +1,46 @@
-"""Where a worker runs: a Ray Train worker (:class:`RaySession`) or one plain process (:class:`LocalSession`).
+"""Where a worker runs: a Ray Train worker (:class:`RaySession`), the driver process itself
+(:class:`DriverSession`, ``num_workers=0``), or one plain process on in-memory tensors
+(:class:`LocalSession`).
 
 The loop in :mod:`rayoodkd.engine.loop` is written against this small interface only, so every method runs
-unchanged in a test process and on N TorchTrainer workers.
+unchanged in a test process, in the driver and on N TorchTrainer workers. Every session resumes from the
+newest *intact* checkpoint of its run directory (``engine.checkpoint.newest_intact``).
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow.fs as pafs
 import torch
 from torch import Tensor, nn
 
 from rayoodkd.config import DataConfig
-from rayoodkd.engine.checkpoint import load_state
+from rayoodkd.engine.checkpoint import (
+    STATE_FILE,
+    ResumePoint,
+    checkpoint_dir_name,
+    checkpoint_dirs,
+    load_state,
+    newest_intact,
+)
 from rayoodkd.engine.streams import BatchSource, ray_shard_source, tensor_source
+from rayoodkd.storage import filesystem, is_remote
 
 
 class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    run_dir: str
 
-    def latest_state(self) -> dict[str, Any] | None: ...
+    def resume_point(self) -> ResumePoint: ...
 
     def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]: ...
 
@@ -36,10 +51,28 @@ class Session(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
 
 
+def _shard_sources(shards: dict[str, Any], data: DataConfig, seed: int, rank: int) -> dict[str, BatchSource]:
+    return {
+        name: ray_shard_source(
+            shard, data.batch_size, data.shuffle_buffer, seed * 1009 + rank, data.prefetch_batches
+        )
+        for name, shard in sorted(shards.items())
+    }
+
+
+def _collect(shard: Any) -> tuple[Tensor, Tensor]:
+    images, labels = [], []
+    for batch in shard.iter_torch_batches(batch_size=1024):
+        keep = ~batch["corrupt"].bool()
+        images.append(batch["image"][keep])
+        labels.append(batch["label"][keep])
+    return torch.cat(images), torch.cat(labels).long()
+
+
 class RaySession:
     """A Ray Train worker: dataset shards, DDP through ``prepare_model``, ``ray.train.report`` checkpoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str) -> None:
         import ray.train
         import ray.train.torch
 
@@ -47,39 +80,21 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_dir = run_dir
 
-    def latest_state(self) -> dict[str, Any] | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
+    def resume_point(self) -> ResumePoint:
+        return newest_intact(self.run_dir)
 
     def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]:
         import ray.train
 
-        return {
-            name: ray_shard_source(
-                ray.train.get_dataset_shard(name),
-                data.batch_size,
-                data.shuffle_buffer,
-                seed * 1009 + self.rank,
-                data.prefetch_batches,
-            )
-            for name in sorted(names)
-        }
+        shards = {name: ray.train.get_dataset_shard(name) for name in names}
+        return _shard_sources(shards, data, seed, self.rank)
 
     def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
         import ray.train
 
-        images, labels = [], []
-        for batch in ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=1024):
-            keep = ~batch["corrupt"].bool()
-            images.append(batch["image"][keep])
-            labels.append(batch["label"][keep])
-        return torch.cat(images), torch.cat(labels).long()
+        return _collect(ray.train.get_dataset_shard(name))
 
     def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
         import ray.train.torch
@@ -90,12 +105,90 @@ class RaySession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:07d}")
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+            checkpoint_dir_name=unused_checkpoint_name(self.run_dir, step),
+        )
+
+
+class DriverSession:
+    """``num_workers=0``: the run trains in the driver process on the full Ray datasets, and writes its own
+    checkpoints to the run directory (the same layout, manifest and retention as Ray Train's)."""
+
+    def __init__(
+        self, datasets: dict[str, Any], run_dir: str, keep: int, device: str | torch.device = "cpu"
+    ) -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.datasets = datasets
+        self.run_dir = run_dir.rstrip("/")
+        self.keep = keep
+        self.last_metrics: dict[str, Any] = {}
+        self.last_checkpoint: str | None = None
+
+    def resume_point(self) -> ResumePoint:
+        return newest_intact(self.run_dir)
+
+    def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]:
+        return _shard_sources({name: self.datasets[name].iterator() for name in names}, data, seed, 0)
+
+    def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
+        return _collect(self.datasets[name].iterator())
+
+    def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+        return module.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        self.last_metrics = dict(metrics)
+        if checkpoint_dir is None:
+            return
+        self.last_checkpoint = publish_checkpoint(checkpoint_dir, self.run_dir, checkpoint_dir_name(step))
+        for _, stale in checkpoint_dirs(self.run_dir)[self.keep :]:
+            fs, path = filesystem(stale)
+            fs.delete_dir(path)
+
+
+def unused_checkpoint_name(run_dir: str, step: int) -> str:
+    """``step_NNNNNNN``, or with a unique suffix when a run that resumed from an older checkpoint (a newer
+    one was corrupt) reaches that step again: Ray Train deletes a replaced checkpoint's directory by name,
+    so reusing the name would delete the new checkpoint and break the run's snapshot."""
+    name = checkpoint_dir_name(step)
+    fs, root = filesystem(f"{run_dir}/{name}")
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return name
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def publish_checkpoint(local_dir: Path, run_dir: str, name: str) -> str:
+    """Copy a finished checkpoint directory to ``run_dir/name`` (any storage); return its path.
+
+    Locally it is assembled under a hidden name and renamed, so ``step_*`` directories are complete; on
+    object stores the manifest (written last) is what marks it complete.
+    """
+    target = f"{run_dir}/{name}"
+    fs, root = filesystem(run_dir)
+    fs.create_dir(root, recursive=True)
+    if is_remote(run_dir):
+        pafs.copy_files(str(local_dir), f"{root}/{name}", destination_filesystem=fs)
+        return target
+    staging = Path(root) / f".{name}-{uuid.uuid4().hex}"
+    shutil.copytree(local_dir, staging)
+    final = Path(root) / name
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return str(final)
 
 
 class LocalSession:
-    """One process, in-memory data, checkpoints in a directory: for tests, debugging and benchmarks."""
+    """One process, in-memory data, checkpoints in a directory: for tests, debugging and benchmarks.
+
+    ``resume_from`` is a checkpoint directory, or a run directory whose newest intact checkpoint is used.
+    """
 
     def __init__(
         self,
@@ -110,12 +203,17 @@ class LocalSession:
         self.streams = streams
         self.eval_sets = eval_sets
         self.checkpoint_root = Path(checkpoint_root)
+        self.run_dir = str(self.checkpoint_root)
         self.resume_from = Path(resume_from) if resume_from else None
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []
 
-    def latest_state(self) -> dict[str, Any] | None:
-        return load_state(self.resume_from) if self.resume_from else None
+    def resume_point(self) -> ResumePoint:
+        if self.resume_from is None:
+            return ResumePoint()
+        if (self.resume_from / STATE_FILE).is_file():
+            return ResumePoint(str(self.resume_from), load_state(self.resume_from))
+        return newest_intact(str(self.resume_from))
 
     def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]:
         missing = sorted(names - set(self.streams))
@@ -134,10 +232,9 @@ class LocalSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
-            target = self.checkpoint_root / f"step_{step:07d}"
-            target.mkdir(parents=True, exist_ok=True)
-            for file in checkpoint_dir.iterdir():
-                file.replace(target / file.name)
+            target = Path(
+                publish_checkpoint(checkpoint_dir, str(self.checkpoint_root), checkpoint_dir_name(step))
+            )
             self.checkpoints.append(target)
 
 

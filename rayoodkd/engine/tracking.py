@@ -79,6 +79,14 @@ class Tracker:
         for start in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[start : start + 500])
 
+    def last_logged_step(self, key: str) -> int:
+        """The highest step at which ``key`` was logged in this run (0 if never)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
+    def status(self) -> str:
+        """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(self.run_id).info.status
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)

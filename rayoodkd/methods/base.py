@@ -1,7 +1,8 @@
 """The Method contract: a method is pure PyTorch math; the engine owns everything else.
 
 A method builds its players (student, generator, discriminator, ...) and their optimizers in ``__init__``
-and implements one outer iteration of its algorithm in :meth:`Method.train_step`. It never touches Ray,
+and implements one outer iteration of its algorithm in :meth:`Method.train_step`; a method with phases
+(AuG-KD's three modules, DFQ then fine-tuning) declares them as :class:`Stage` objects. It never touches Ray,
 DDP, checkpoints or MLflow: the engine wraps the trainable players in DDP (by replacing the attributes named
 by :meth:`Method.players`), checkpoints players, optimizers, schedulers and :meth:`Method.extra_state`, and
 logs whatever ``train_step`` returns.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +37,32 @@ class Streams(Protocol):
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]: ...
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One phase of a method: its budget, the players it trains, and how its result is selected.
+
+    The engine runs a method's stages in order. Only the players named in ``trains`` (all when ``None``) are
+    wrapped in DDP during the stage; the others stay frozen as they are. At every evaluation the stage's
+    ``select`` metric (an evaluation metric such as ``val/top1`` or one of the stage's ``train_step``
+    metrics, averaged since the last log) is compared; with ``reload_best`` the snapshot of every player at
+    the best evaluation is reloaded when the stage ends. Metrics of a method with several stages are logged
+    under ``<stage name>/``.
+    """
+
+    name: str
+    steps: int
+    trains: tuple[str, ...] | None = None
+    select: str = "val/top1"
+    mode: Literal["max", "min"] = "max"
+    reload_best: bool = False
+
+    def better(self, score: float, best: float | None) -> bool:
+        """Whether ``score`` improves on ``best`` in this stage's ``mode``."""
+        if best is None:
+            return True
+        return score > best if self.mode == "max" else score < best
+
+
 @dataclass
 class RunContext:
     """What the engine tells a method about where it runs."""
@@ -52,6 +79,8 @@ class RunContext:
     max_steps: int
     amp_dtype: torch.dtype | None = None
     scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
+    stage: str = "train"
+    stage_step: int = 0
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in [0, 1] -> the teacher's input space."""
@@ -115,6 +144,11 @@ class Method(ABC):
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         """Learning-rate schedulers, stepped by the method itself."""
         return {}
+
+    def stages(self) -> list[Stage]:
+        """The method's phases in order (``ctx.stage`` names the current one); one implicit stage of
+        ``max_steps`` by default."""
+        return [Stage("train", self.ctx.max_steps)]
 
     @abstractmethod
     def train_step(self, data: Streams) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Classifiers with a shared interface: ``forward_features``, ``feature_dim``, ``fc``."""
+"""Classifiers with a shared interface: ``forward_feature_map``/``feature_map_channels``, ``pool_features``,
+``forward_features``/``feature_dim``, ``fc``."""
 
 from __future__ import annotations
 

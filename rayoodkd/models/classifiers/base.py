@@ -5,19 +5,23 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class Classifier(nn.Module, ABC):
-    """Base class: ``forward(x) = fc(forward_features(x))``.
+    """Base class: ``forward(x) = fc(pool_features(forward_feature_map(x)))``.
 
-    Subclasses set ``feature_dim`` (size of the pooled penultimate features) and ``fc`` (the final
-    ``nn.Linear``) and implement ``forward_features``. ``legacy_prefixes`` maps state-dict key prefixes used
-    by the source repository to this module's names (e.g. DAFL/MosaicKD ``linear.`` → ``fc.``), so that the
-    authors' released checkpoints load unchanged with ``load_state_dict``.
+    Subclasses set ``feature_map_channels`` (channels of the last feature map before pooling),
+    ``feature_dim`` (size of the pooled penultimate features) and ``fc`` (the final ``nn.Linear``) and
+    implement ``forward_feature_map``; they override ``pool_features`` when they do more than global average
+    pooling. ``legacy_prefixes`` maps state-dict key prefixes used by the source repository to this module's
+    names (e.g. DAFL/MosaicKD ``linear.`` → ``fc.``), so that the authors' released checkpoints load
+    unchanged with ``load_state_dict``.
     """
 
     legacy_prefixes: ClassVar[dict[str, str]] = {}
+    feature_map_channels: int
     feature_dim: int
     fc: nn.Linear
 
@@ -27,8 +31,16 @@ class Classifier(nn.Module, ABC):
             self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     @abstractmethod
+    def forward_feature_map(self, x: Tensor) -> Tensor:
+        """The last feature map before pooling, shape ``[N, feature_map_channels, H, W]``."""
+
+    def pool_features(self, feature_map: Tensor) -> Tensor:
+        """Penultimate features ``[N, feature_dim]`` from ``forward_feature_map``'s output."""
+        return F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
+
     def forward_features(self, x: Tensor) -> Tensor:
-        """Penultimate features after global pooling, shape ``[N, feature_dim]``."""
+        """Penultimate features after pooling, shape ``[N, feature_dim]``."""
+        return self.pool_features(self.forward_feature_map(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, num_classes]``."""

@@ -62,14 +62,14 @@ class CifarResNet(Classifier):
                 in_planes = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(depths)
-        self.feature_dim = in_planes
+        self.feature_map_channels = self.feature_dim = in_planes
         self.fc = nn.Linear(in_planes, num_classes)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_feature_map(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             out = self.get_submodule(f"layer{i + 1}")(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return out
 
 
 @CLASSIFIERS.register("resnet18")

@@ -20,7 +20,12 @@ from rayoodkd.models.registry import CLASSIFIERS
 
 
 class LeNet5(Classifier):
-    """DAFL LeNet-5; ``forward_features`` returns the ReLU'd output of ``fc1`` (``hidden`` units)."""
+    """DAFL LeNet-5; ``forward_features`` returns the ReLU'd output of ``fc1`` (``hidden`` units).
+
+    LeNet-5 feeds its last conv map into fully connected layers instead of pooling it for the head: the
+    feature map is conv3's ReLU'd output (1×1 for 28 and 32 px inputs), and ``pool_features`` is the adaptive
+    average pool, the flatten and the hidden layer ``fc1``.
+    """
 
     legacy_prefixes: ClassVar[dict[str, str]] = {"fc2.": "fc."}
 
@@ -42,13 +47,16 @@ class LeNet5(Classifier):
         self.bn1, self.bn2, self.bn3 = norm(c1), norm(c2), norm(c3)
         self.fc1 = nn.Linear(c3, hidden)
         self.fc = nn.Linear(hidden, num_classes)
+        self.feature_map_channels = c3
         self.feature_dim = hidden
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_feature_map(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.adaptive_avg_pool2d(F.relu(self.bn3(self.conv3(x))), 1).flatten(1)
-        return F.relu(self.fc1(x))
+        return F.relu(self.bn3(self.conv3(x)))
+
+    def pool_features(self, feature_map: Tensor) -> Tensor:
+        return F.relu(self.fc1(F.adaptive_avg_pool2d(feature_map, 1).flatten(1)))
 
 
 class SmallCNN(Classifier):
@@ -66,10 +74,10 @@ class SmallCNN(Classifier):
             prev = w
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(prev, num_classes)
-        self.feature_dim = prev
+        self.feature_map_channels = self.feature_dim = prev
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+    def forward_feature_map(self, x: Tensor) -> Tensor:
+        return self.features(x)
 
 
 @CLASSIFIERS.register("lenet5")

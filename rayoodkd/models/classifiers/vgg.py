@@ -55,7 +55,7 @@ class VGG(Classifier):
         self.pool3 = nn.MaxPool2d(2, 2)
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(prev, num_classes)
-        self.feature_dim = prev
+        self.feature_map_channels = self.feature_dim = prev
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -68,7 +68,7 @@ class VGG(Classifier):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_feature_map(self, x: Tensor) -> Tensor:
         height = x.shape[-2]
         x = self.pool0(F.relu(self.block0(x)))
         x = self.pool1(F.relu(self.block1(x)))
@@ -76,8 +76,10 @@ class VGG(Classifier):
         x = F.relu(self.block3(x))
         if height == 64:
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
-        return self.pool4(x).flatten(1)
+        return F.relu(self.block4(x))
+
+    def pool_features(self, feature_map: Tensor) -> Tensor:
+        return self.pool4(feature_map).flatten(1)
 
 
 @CLASSIFIERS.register("vgg11_bn")

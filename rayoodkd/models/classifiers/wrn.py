@@ -80,7 +80,7 @@ class WideResNet(Classifier):
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2, dropout_rate)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.fc = nn.Linear(channels[3], num_classes)
-        self.feature_dim = channels[3]
+        self.feature_map_channels = self.feature_dim = channels[3]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -91,10 +91,10 @@ class WideResNet(Classifier):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's output after the final pre-activation BN-ReLU (``bn1``)."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return F.relu(self.bn1(out))
 
 
 def wrn(

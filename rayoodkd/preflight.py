@@ -1,0 +1,251 @@
+"""Checks a run passes in the driver before Ray or MLflow start, and the cluster check right after Ray does.
+
+Everything that can be known from the config and the files it names is checked here, so a bad input ends
+in one line naming the key (exit 2) instead of a worker traceback and an orphaned MLflow run: storage is
+writable, the tracking server answers, every corpus exists and is non-empty (parquet: with the configured
+columns), the teacher is a readable rayoodkd teacher, and the student and the method can be built for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from rayoodkd.config import BaseRunConfig, ConfigError
+from rayoodkd.data.config import CorpusConfig
+from rayoodkd.storage import filesystem, is_remote, local_path
+
+TRACKING_TIMEOUT_S = 5.0
+RESERVED_STUDENT_KWARGS = ("num_classes", "in_channels", "image_size")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def check_storage(storage_path: str) -> None:
+    """``storage_path`` can be created and written (a probe file is written and removed)."""
+    probe = f".rayoodkd-write-probe-{uuid.uuid4().hex}"
+    try:
+        if is_remote(storage_path):
+            fs, root = filesystem(storage_path)
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(f"{root.rstrip('/')}/{probe}") as stream:
+                stream.write(b"ok")
+            fs.delete_file(f"{root.rstrip('/')}/{probe}")
+        else:
+            root_path = local_path(storage_path)
+            root_path.mkdir(parents=True, exist_ok=True)
+            (root_path / probe).write_bytes(b"ok")
+            (root_path / probe).unlink()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"storage_path: cannot write to {storage_path!r} ({_first_line(error)})") from None
+
+
+def check_tracking(tracking_uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:
+    """An ``http(s)://`` tracking server answers within ``timeout_s`` (any HTTP status is an answer)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(
+            f"tracking_uri: no MLflow server answers at {tracking_uri} within {timeout_s:.0f} s ({reason}); "
+            "start it, or leave tracking_uri unset for a local store under storage_path"
+        ) from None
+
+
+def check_corpus(key: str, corpus: CorpusConfig) -> None:
+    """The corpus at ``key`` exists and holds images (parquet: with its image and label columns)."""
+    from rayoodkd.data.builtin import HERSHEY_DIR, HERSHEY_MISSING
+    from rayoodkd.data.readers import IMAGE_EXTENSIONS, filesystem_and_path, resolve_format
+
+    try:
+        fmt = resolve_format(corpus)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{key}.{_first_line(error)}") from None
+    except ValueError as error:
+        raise ConfigError(f"{key}.{_first_line(error)}") from None
+    if fmt == "builtin":
+        if corpus.source == "hershey" and not Path(HERSHEY_DIR).is_dir():
+            raise ConfigError(f"{key}.source: {HERSHEY_MISSING}")
+        return
+    fs, path = filesystem_and_path(corpus.source)
+    if fmt == "image_folder":
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return
+        files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if not any(f.is_file and f.base_name.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            raise ConfigError(
+                f"{key}.source: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {corpus.source}"
+            )
+    elif fmt == "parquet":
+        _check_parquet(key, corpus, fs, path)
+
+
+def _check_parquet(key: str, corpus: CorpusConfig, fs: pafs.FileSystem, path: str) -> None:
+    import pyarrow.dataset as pads
+
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        names, rows = dataset.schema.names, dataset.count_rows()
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{key}.source: {corpus.source} is not readable parquet ({_first_line(error)})"
+        ) from None
+    if corpus.image_column not in names:
+        raise ConfigError(
+            f"{key}.image_column: column {corpus.image_column!r} is not in {corpus.source} (columns: "
+            f"{', '.join(names)})"
+        )
+    default_label = CorpusConfig.model_fields["label_column"].default
+    label = corpus.label_column
+    if corpus.labelled and label is not None and label != default_label and label not in names:
+        raise ConfigError(
+            f"{key}.label_column: column {label!r} is not in {corpus.source} (columns: {', '.join(names)})"
+        )
+    if rows == 0:
+        raise ConfigError(f"{key}.source: {corpus.source} holds no rows")
+
+
+def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
+    """Every corpus the run reads: the streams its method consumes, then ``val`` and ``test``."""
+    from rayoodkd.methods import METHODS
+
+    found: dict[str, CorpusConfig] = {}
+    for name in [*sorted(METHODS.get(cfg.method).consumes), "val", "test"]:
+        corpus = getattr(cfg.data, name)
+        if corpus is None:
+            raise ConfigError(
+                f"data.{name}: method {cfg.method!r} consumes the {name!r} stream; set data.{name}.source"
+            )
+        found[f"data.{name}"] = corpus
+    return found
+
+
+def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
+    """The student and the method build for this teacher on the CPU, as every worker will build them."""
+    from rayoodkd.engine.loop import build_method, build_student
+    from rayoodkd.teacher_io import load_teacher
+
+    teacher, info = load_teacher(teacher_path)
+    for reserved in RESERVED_STUDENT_KWARGS:
+        if reserved in cfg.student.kwargs:
+            raise ConfigError(
+                f"student.kwargs.{reserved}: set from the teacher (num_classes {info.num_classes}, "
+                f"in_channels {info.channels}, image_size {info.image_size}); remove it"
+            )
+    try:
+        student = build_student(cfg, info, torch.device("cpu"))
+    except ValueError as error:
+        raise ConfigError(f"student.arch: {_first_line(error)}") from None
+    except TypeError as error:
+        raise ConfigError(f"student.kwargs: {_first_line(error)}") from None
+    try:
+        build_method(cfg, teacher, student, info, torch.device("cpu"))
+    except (ValueError, TypeError, RuntimeError) as error:
+        message = _first_line(error)
+        raise ConfigError(message if message.startswith(cfg.method) else f"{cfg.method}: {message}") from None
+
+
+def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:
+    """Check everything a run needs before Ray or MLflow start; return the teacher file and tracking URI.
+
+    A teacher recipe without a cached result is trained here (it reads its corpora through Ray Data).
+    """
+    from rayoodkd.engine.tracking import default_tracking_uri
+    from rayoodkd.teacher import ensure_teacher
+
+    check_storage(cfg.storage_path)
+    try:
+        tracking_uri = cfg.tracking_uri or default_tracking_uri(cfg.storage_path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    check_tracking(tracking_uri)
+    for key, corpus in corpora(cfg).items():
+        check_corpus(key, corpus)
+    if not cfg.teacher.checkpoint:
+        for split in ("train", "val", "test"):
+            check_corpus(f"teacher.recipe.{split}", getattr(cfg.teacher.recipe, split))
+    teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)
+    check_models(cfg, teacher_path)
+    return teacher_path, tracking_uri
+
+
+def _autoscaler_present() -> bool:
+    """Whether the connected cluster runs an autoscaler that may add nodes (what ``ray status`` reads)."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = json.loads(status).get("autoscaler_report") if status is not None else None
+        if report:
+            # A cluster started by hand (`ray start`, `ray.init`) runs a read-only autoscaler that names
+            # every node's type after the node itself; one launched from a cluster config has named types.
+            mapping = report.get("node_type_mapping") or {}
+            if report.get("pending_launches") or report.get("pending_nodes"):
+                return True
+            if any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items()):
+                return True
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:  # no autoscaler state to read: a fixed cluster
+        return False
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{value:g} {name}" for name, value in sorted(resources.items()))
+
+
+def check_cluster_fits(cfg: BaseRunConfig, log: Any = print, poll_s: float = 5.0) -> None:
+    """The connected Ray cluster can hold ``num_workers`` workers of the configured size.
+
+    A cluster that cannot grow is refused at once; with an autoscaler the driver waits, saying so, for at
+    most ``resources.wait_for_workers_s``.
+    """
+    import ray
+
+    if cfg.num_workers == 0:
+        return
+    need = {"CPU": cfg.num_workers * cfg.resources.cpus_per_worker}
+    if cfg.use_gpu:
+        need["GPU"] = cfg.num_workers * cfg.resources.gpus_per_worker
+    started = time.monotonic()
+    deadline = started + cfg.resources.wait_for_workers_s
+    last_message = -float("inf")
+    while True:
+        total = ray.cluster_resources()
+        has = {name: float(total.get(name, 0.0)) for name in need}
+        if all(has[name] + 1e-9 >= value for name, value in need.items()):
+            return
+        can_grow = _autoscaler_present()
+        now = time.monotonic()
+        if not can_grow or now >= deadline:
+            waited = f" after waiting {now - started:.0f} s for the autoscaler" if can_grow else ""
+            raise ConfigError(
+                f"num_workers={cfg.num_workers}: needs {_describe(need)} (resources.cpus_per_worker="
+                f"{cfg.resources.cpus_per_worker:g}{', gpus_per_worker=' if cfg.use_gpu else ''}"
+                f"{cfg.resources.gpus_per_worker if cfg.use_gpu else ''}), but the Ray cluster has "
+                f"{_describe(has)}{waited}; lower num_workers or the per-worker resources, or add nodes"
+            )
+        if now - last_message >= 30:
+            log(
+                f"waiting for the cluster to offer {_describe(need)} (it has {_describe(has)}; an autoscaler "
+                f"may add nodes); giving up in {deadline - now:.0f} s (resources.wait_for_workers_s)"
+            )
+            last_message = now
+        time.sleep(poll_s)

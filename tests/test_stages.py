@@ -1,0 +1,148 @@
+"""Stages: a method declares phases (players trained, budget, selection); the engine runs them in order,
+namespaces their metrics, reloads a stage's selected snapshot, and resumes inside a stage exactly.
+
+The two-stage method under test is ``dfq_finetune`` (DFQ+: data-free DFQ, then fine-tuning on labelled
+student-domain data), the AuG-KD paper's two-stage baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rayoodkd.config import resolve_config
+from rayoodkd.engine.checkpoint import load_state
+from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.session import LocalSession
+from rayoodkd.launch import launch
+from rayoodkd.methods import METHODS
+
+STAGED = [
+    "method=dfq_finetune",
+    "data.ood=null",
+    "data.labelled={source: mnist5k, split: train}",
+    "eval.every=2",
+    "log_every=1",
+    "data.batch_size=16",
+    "dfq_finetune.batch_size=8",
+    "dfq_finetune.ngf=4",
+    "dfq_finetune.nz=8",
+    "dfq_finetune.kd_steps=1",
+    "dfq_finetune.datafree_steps=4",
+    "dfq_finetune.finetune_steps=4",
+]
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> LocalSession:
+    session = LocalSession(
+        streams={"labelled": _blobs(128, 1)},
+        eval_sets={"val": _blobs(64, 3), "test": _blobs(64, 4)},
+        checkpoint_root=run_dir,
+        resume_from=run_dir if resume else None,
+    )
+    cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *STAGED, *extra])
+    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
+    return session
+
+
+def test_single_stage_methods_are_one_implicit_stage(tiny_teacher: Path) -> None:
+    from rayoodkd.engine.loop import build_method, build_student
+    from rayoodkd.teacher_io import load_teacher
+
+    teacher, info = load_teacher(tiny_teacher)
+    cfg = resolve_config("demo", [f"teacher.checkpoint={tiny_teacher}", "max_steps=37"])
+    method = build_method(
+        cfg, teacher, build_student(cfg, info, torch.device("cpu")), info, torch.device("cpu")
+    )
+    [stage] = method.stages()
+    assert (stage.name, stage.steps, stage.trains, stage.reload_best) == ("train", 37, None, False)
+    assert "dfq_finetune" in METHODS.names()
+
+
+def test_a_run_killed_in_stage_two_resumes_there_and_ends_identical(tmp_path: Path, bn_teacher: Path) -> None:
+    straight = _run(tmp_path / "straight", bn_teacher)
+    assert [(r["step"], r["stage"]) for r in straight.reports] == [(2, 0), (4, 0), (6, 1), (8, 1)]
+    assert "datafree/loss/kd" in straight.reports[1] and "finetune/loss/ce" in straight.reports[3]
+    assert "finetune/loss/ce" not in straight.reports[1] and "datafree/loss/kd" not in straight.reports[3]
+
+    stage_end = load_state(tmp_path / "straight" / "step_0000004")
+    assert (stage_end["stage"], stage_end["stage_step"]) == (0, 4)
+    best = stage_end["stage_best"]
+    assert best["step"] in (2, 4) and set(best["players"]) == {"student", "generator"}
+    in_stage_two = load_state(tmp_path / "straight" / "step_0000006")
+    assert (in_stage_two["stage"], in_stage_two["stage_step"]) == (1, 2)
+
+    killed = tmp_path / "killed"
+    with pytest.raises(InjectedFailure):
+        _run(killed, bn_teacher, "debug.fail_at_step=7")
+    resumed = _run(killed, bn_teacher, "debug.fail_at_step=7", resume=True)
+    assert resumed.reports[-1]["resumed_from_step"] == 6 and resumed.reports[-1]["stage"] == 1
+    final_a = load_state(tmp_path / "straight" / "step_0000008")
+    final_b = load_state(killed / "step_0000008")
+    for player, weights in final_a["players"].items():
+        for name, tensor in weights.items():
+            torch.testing.assert_close(final_b["players"][player][name], tensor, rtol=0, atol=0)
+    assert resumed.reports[-1]["test/top1"] == straight.reports[-1]["test/top1"]
+
+
+def test_the_selected_snapshot_of_stage_one_is_what_stage_two_starts_from(
+    tmp_path: Path, bn_teacher: Path
+) -> None:
+    """With a negligible fine-tuning learning rate, the student after two fine-tuning steps is stage 1's
+    selected snapshot (and not its last step, when the two differ)."""
+    session = _run(
+        tmp_path / "run", bn_teacher, "dfq_finetune.finetune_lr=1e-9", "dfq_finetune.finetune_steps=2"
+    )
+    stage_end = load_state(tmp_path / "run" / "step_0000004")
+    selected = stage_end["stage_best"]["players"]["student"]
+    after = load_state(tmp_path / "run" / "step_0000006")["players"]["student"]
+    last = stage_end["players"]["student"]
+    weights = [k for k, v in selected.items() if v.is_floating_point() and "running" not in k]
+    distance_to_selected = sum(float((after[k] - selected[k]).abs().sum()) for k in weights)
+    assert distance_to_selected < 1e-3
+    if stage_end["stage_best"]["step"] != 4:
+        assert sum(float((after[k] - last[k]).abs().sum()) for k in weights) > 1e-2
+    assert len(session.reports) == 3
+
+
+@pytest.mark.ray
+def test_two_workers_resume_in_stage_two_and_log_per_stage_metrics(
+    tmp_path: Path, bn_teacher: Path, ray_local
+) -> None:
+    cfg = resolve_config(
+        "demo",
+        [
+            f"teacher.checkpoint={bn_teacher}",
+            f"storage_path={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"summary_json={tmp_path / 'summary.json'}",
+            "run_name=staged",
+            "num_workers=2",
+            "max_failures=1",
+            "debug.fail_at_step=7",
+            *STAGED,
+        ],
+    )
+    summary = launch(cfg)
+    assert summary.steps == 8 and summary.resumed_from_step == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["ddp/replicas_identical"] == 1.0
+    history = {
+        key: [m.step for m in client.get_metric_history(summary.mlflow_run_id, key)]
+        for key in ("datafree/loss/kd", "finetune/loss/ce", "val/top1", "stage")
+    }
+    assert history["datafree/loss/kd"] == [1, 2, 3, 4]
+    assert history["finetune/loss/ce"] == [5, 6, 7, 8]
+    assert history["val/top1"] == [2, 4, 6, 8]
+    assert [m.value for m in client.get_metric_history(summary.mlflow_run_id, "stage")] == [0, 0, 1, 1]
