@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from rayoodkd.augment import AugmentMode
 from rayoodkd.data.config import CorpusConfig
 
 PRESET_PACKAGE = "rayoodkd.configs"
@@ -46,10 +55,25 @@ class TeacherRecipe(Section):
     channels: Literal[1, 3] = 1
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd: momentum 0.9, Nesterov (MosaicKD train_scratch.py); adam (AuG-KD's teachers)"
+    )
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
-    augment: Literal["none", "crop", "crop_flip"] = "crop"
+    augment: AugmentMode = "crop"
+    mean: tuple[float, ...] | None = Field(
+        None, description="fixed normaliser mean per channel (e.g. ImageNet's); None: the training set's"
+    )
+    std: tuple[float, ...] | None = Field(None, description="fixed normaliser std per channel")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _normalizer(self) -> TeacherRecipe:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: set both (a fixed normaliser) or neither")
+        if self.mean is not None and not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"mean and std: need {self.channels} values each (channels={self.channels})")
+        return self
 
 
 class TeacherConfig(Section):
@@ -66,27 +90,63 @@ class StudentConfig(Section):
     kwargs: dict[str, Any] = {}
 
 
-class DataConfig(Section):
-    """The streams a method may consume, and the in-domain sets the student is judged on.
+STREAMS = ("ood", "web", "labelled")
 
-    ``ood`` is unlabelled out-of-domain data, ``web`` webly collected data, ``labelled`` in-domain training
-    images (only the upper-bound method ``kd_id`` uses them). ``val`` selects the best student; ``test`` is
-    the held-out in-domain test set reported as the final accuracy.
+
+class StreamTransform(Section):
+    """How one stream's batches are augmented and normalised (unset keys follow ``data.augment`` and the
+    teacher's normaliser)."""
+
+    augment: AugmentMode | None = None
+    normalizer: tuple[tuple[float, ...], tuple[float, ...]] | None = Field(
+        None, description="(mean, std) per channel instead of the teacher's statistics"
+    )
+
+    @field_validator("normalizer")
+    @classmethod
+    def _pairs(cls, value: tuple[tuple[float, ...], tuple[float, ...]] | None) -> Any:
+        if value is not None and (len(value[0]) != len(value[1]) or min(value[1]) <= 0):
+            raise ValueError("need [mean, std] with one value per channel each and std > 0")
+        return value
+
+
+class DataConfig(Section):
+    """The streams a method may consume, and the sets the student is judged on.
+
+    ``ood`` is unlabelled out-of-domain data, ``web`` webly collected data, ``labelled`` labelled training
+    images (in-domain for ``kd_id``, the student domain's small labelled split for DFQ+ and AuG-KD). ``val``
+    selects the best student; ``test`` is the held-out set reported as the final accuracy. Both must be set
+    (the demo preset sets MNIST-5k's splits): a run never evaluates on a set it was not given.
+    ``transforms.<stream>`` overrides the augmentation and normaliser of one stream.
     """
 
     ood: CorpusConfig | None = None
     web: CorpusConfig | None = None
     labelled: CorpusConfig | None = None
-    val: CorpusConfig = CorpusConfig(source="mnist5k", split="val")
-    test: CorpusConfig = CorpusConfig(source="mnist5k", split="test")
+    val: CorpusConfig | None = None
+    test: CorpusConfig | None = None
     batch_size: int = Field(128, ge=1, description="images per worker per batch")
     shuffle_buffer: int = Field(2048, ge=0)
-    augment: Literal["none", "crop", "crop_flip"] = "crop"
+    augment: AugmentMode = "crop"
+    transforms: dict[str, StreamTransform] = Field(default_factory=dict)
     prefetch_batches: int = Field(2, ge=0)
     materialize: bool = Field(
         True, description="decode each corpus once into Ray's object store (fits in RAM)"
     )
     cache_dir: str | None = None
+
+    @field_validator("transforms")
+    @classmethod
+    def _known_streams(cls, value: dict[str, StreamTransform]) -> dict[str, StreamTransform]:
+        unknown = sorted(set(value) - set(STREAMS))
+        if unknown:
+            raise ValueError(f"unknown stream {unknown[0]!r}; allowed: {', '.join(STREAMS)}")
+        return value
+
+    def transform(self, stream: str) -> StreamTransform:
+        """The stream's transform with ``data.augment`` filled in."""
+        own = self.transforms.get(stream, StreamTransform())
+        return own.model_copy(update={"augment": own.augment or self.augment})
 
 
 class EvalConfig(Section):

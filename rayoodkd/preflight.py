@@ -127,6 +127,11 @@ def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
     found: dict[str, CorpusConfig] = {}
     for name in [*sorted(METHODS.get(cfg.method).consumes), "val", "test"]:
         corpus = getattr(cfg.data, name)
+        if corpus is None and name in ("val", "test"):
+            raise ConfigError(
+                f"data.{name}: not set; the student is selected on data.val and scored on data.test "
+                f"(e.g. data.{name}.source=mnist5k data.{name}.split={name})"
+            )
         if corpus is None:
             raise ConfigError(
                 f"data.{name}: method {cfg.method!r} consumes the {name!r} stream; set data.{name}.source"

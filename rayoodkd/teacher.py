@@ -57,8 +57,9 @@ def load_tensors(
 
 
 def recipe_key(recipe: TeacherRecipe) -> str:
-    """The cache key of a recipe: a hash of every field."""
-    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    """The cache key of a recipe: a hash of every field that differs from its default (so adding a
+    defaulted field later does not retrain every cached teacher)."""
+    text = json.dumps(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -67,7 +68,8 @@ def train_teacher(
 ) -> TeacherInfo:
     """Train ``recipe.arch`` on ``recipe.train``; pick the best epoch on ``recipe.val``; score on ``test``.
 
-    SGD (momentum 0.9, Nesterov) with a per-iteration cosine schedule, as MosaicKD's ``train_scratch.py``.
+    SGD (momentum 0.9, Nesterov, as MosaicKD's ``train_scratch.py``) or Adam (AuG-KD's teachers), with a
+    per-iteration cosine schedule; normalised with the training set's statistics or a fixed ``mean``/``std``.
     """
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -77,8 +79,8 @@ def train_teacher(
     test_x, test_y, _ = load_tensors(recipe.test, size, channels, cache_dir)
     if int(train_y.min()) < 0 or int(train_y.max()) >= recipe.num_classes:
         raise ValueError(f"teacher.recipe.train: labels must lie in 0..{recipe.num_classes - 1}")
-    mean = tuple(train_x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(train_x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    mean = recipe.mean or tuple(train_x.mean(dim=(0, 2, 3)).tolist())
+    std = recipe.std or tuple(train_x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
     info = TeacherInfo(
         recipe.arch, recipe.num_classes, channels, size, mean, std, recipe=recipe.model_dump(mode="json")
     )
@@ -89,9 +91,14 @@ def train_teacher(
     model = build_classifier(
         recipe.arch, num_classes=recipe.num_classes, in_channels=channels, image_size=size
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
-    )
+    if recipe.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(
+            model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
+        )
     steps_per_epoch = max(len(train_x) // recipe.batch_size, 1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs * steps_per_epoch)
     source = tensor_source(train_x, train_y, recipe.batch_size, recipe.seed)

@@ -50,7 +50,8 @@ class FakeStreams:
         assert stream == "ood"
         self.draws.append(augment)
         images = torch.rand(self.batch, self.ctx.channels, SIZE, SIZE, generator=self.generator)
-        return {"image": self.ctx.normalize(images), "label": torch.full((self.batch,), -1)}
+        label = torch.full((self.batch,), -1)
+        return {"image": self.ctx.normalize(images), "unit": images, "label": label}
 
 
 def _context(num_classes: int = 10) -> RunContext:

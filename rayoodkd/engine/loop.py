@@ -133,7 +133,7 @@ class Worker:
         self.streams = DeviceStreams(
             session.sources(self.method.consumes, self.cfg.data, self.cfg.seed),
             self.ctx,
-            self.cfg.data.augment,
+            {stream: self.cfg.data.transform(stream) for stream in self.method.consumes},
         )
         self.stages = self.method.stages()
         self.total_steps = sum(stage.steps for stage in self.stages)

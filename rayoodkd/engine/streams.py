@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rayoodkd.augment import augment_batch
+from rayoodkd.config import StreamTransform
 from rayoodkd.methods.base import RunContext
 
 
@@ -101,12 +102,19 @@ def ray_shard_source(
 
 
 class DeviceStreams:
-    """The :class:`~rayoodkd.methods.base.Streams` a method sees: clean, augmented, normalised, on device."""
+    """The :class:`~rayoodkd.methods.base.Streams` a method sees: clean, augmented, normalised, on device.
 
-    def __init__(self, sources: dict[str, BatchSource], ctx: RunContext, augment_mode: str) -> None:
+    Each stream has its own augmentation and normaliser (``data.transforms``, default: ``data.augment`` and
+    the teacher's statistics); a batch carries the augmented image in [0, 1] as ``unit`` next to the
+    normalised ``image``.
+    """
+
+    def __init__(
+        self, sources: dict[str, BatchSource], ctx: RunContext, transforms: dict[str, StreamTransform]
+    ) -> None:
         self.sources = sources
         self.ctx = ctx
-        self.augment_mode = augment_mode
+        self.transforms = transforms
         self.corrupt_skipped = 0
 
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
@@ -117,11 +125,17 @@ class DeviceStreams:
         batch = self.sources[stream].next_batch()
         keep = ~batch["corrupt"].bool()
         self.corrupt_skipped += int((~keep).sum())
-        images = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
+        unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
         labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
+        transform = self.transforms[stream]
         if augment:
-            images = augment_batch(images, self.augment_mode, self.ctx.generator)
-        return {"image": self.ctx.normalize(images), "label": labels}
+            unit = augment_batch(unit, transform.augment, self.ctx.generator)
+        if transform.normalizer is None:
+            image = self.ctx.normalize(unit)
+        else:
+            mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in transform.normalizer)
+            image = (unit - mean) / std
+        return {"image": image, "unit": unit, "label": labels}
 
     def state_dict(self) -> dict[str, Any]:
         return {

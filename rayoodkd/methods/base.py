@@ -29,9 +29,10 @@ class MethodConfig(BaseModel):
 class Streams(Protocol):
     """What ``train_step`` draws real data from: ``next("ood")`` gives the next batch of that stream.
 
-    A batch is ``{"image": float tensor [N, C, H, W] normalised with the teacher's statistics, on the
-    worker's device, "label": int64 tensor [N] (-1 when unlabelled)}``; ``augment=False`` skips the
-    configured ``data.augment`` (e.g. MosaicKD's discriminator view of the OOD set).
+    A batch is ``{"image": float tensor [N, C, H, W] normalised (the teacher's statistics unless
+    ``data.transforms.<stream>.normalizer`` says otherwise), "unit": the same augmented images in [0, 1],
+    "label": int64 tensor [N] (-1 when unlabelled)}``, on the worker's device; ``augment=False`` skips the
+    stream's augmentation (e.g. MosaicKD's discriminator view of the OOD set).
     """
 
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]: ...
@@ -93,6 +94,21 @@ class RunContext:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over all ranks (e.g. per-class counts of a selection), on every rank."""
+        total = tensor.clone()
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        return total
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` (same shape on all ranks) stacked in rank order, on every rank."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return tensor.unsqueeze(0).clone()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
 
     def randn(self, *shape: int) -> Tensor:
         """Gaussian noise from this rank's generator (ranks draw different z; resumption is exact)."""

@@ -241,15 +241,14 @@ class MosaicKD(Method):
         return unit, self.ctx.normalize(unit.float())
 
     def _ood_for_kd(self, data: Streams) -> Tensor:
-        images = data.next("ood")["image"]
+        batch = data.next("ood")
         if self.cfg.ood_kd_normalizer is None:
-            return images
+            return batch["image"]
+        unit = batch["unit"]
         mean, std = (
-            torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in self.cfg.ood_kd_normalizer
+            torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in self.cfg.ood_kd_normalizer
         )
-        teacher_mean = torch.tensor(self.ctx.mean, device=images.device).view(1, -1, 1, 1)
-        teacher_std = torch.tensor(self.ctx.std, device=images.device).view(1, -1, 1, 1)
-        return (images * teacher_std + teacher_mean - mean) / std
+        return (unit - mean) / std
 
     # ------------------------------------------------------------------------------------------- one step
 
