@@ -154,6 +154,16 @@ class EvalConfig(Section):
 
     every: int = Field(250, ge=1, description="steps between evaluations, reports and checkpoints")
     batch_size: int = Field(512, ge=1)
+    topk: tuple[int, ...] = Field(
+        (1, 5), description="accuracies reported as val/top{k} and test/top{k} (top1 always; AuG-KD: 1, 3, 5)"
+    )
+
+    @field_validator("topk")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or min(value) < 1:
+            raise ValueError("need one or more k >= 1")
+        return tuple(sorted({1, *value}))
 
 
 class ResourcesConfig(Section):

@@ -74,7 +74,8 @@ def _with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> t
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    columns = ["val/top1", "val/top5", "val/agreement", "test/top1", "test/top5", "test/agreement"]
+    keys = {key for row in table.values() for key in row}
+    columns = sorted(keys, key=lambda key: (not key.startswith("val/"), key))
     lines = ["model     " + "".join(f"{c:>15}" for c in columns)]
     for label, row in table.items():
         lines.append(f"{label:<10}" + "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -299,7 +300,7 @@ def launch(
         best_val_accuracy=metrics["best_val/top1"],
         best_val_step=int(metrics["best_val/step"]),
         test_accuracy_at_best_val=metrics.get("test/top1_at_best_val", metrics["test/top1"]),
-        student_top5=metrics["test/top5"],
+        student_top5=metrics.get("test/top5", math.nan),
         agreement_with_teacher=metrics["test/agreement"],
         steps=int(metrics["step"]),
         images_per_second=metrics.get("throughput/images_per_second", 0.0),

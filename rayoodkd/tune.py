@@ -55,7 +55,8 @@ DOMAIN_ARITY = {
     "randint": 2,
     "qrandint": 3,
 }
-EVAL_METRICS = ("val/top1", "val/top5", "val/agreement", "best_val/top1")
+EVAL_METRICS = ("val/top1", "val/agreement", "best_val/top1")
+EVAL_METRIC_PATTERN = re.compile(r"val/top\d+|loss/.+|[a-z_]+/loss/.+")
 
 
 class SchedulerSpace(Section):
@@ -111,8 +112,10 @@ class SweepSpace(Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
-        if metric not in EVAL_METRICS and not metric.startswith("loss/"):
-            raise ValueError(f"allowed: {', '.join(EVAL_METRICS)} or a loss/* metric")
+        if metric not in EVAL_METRICS and not EVAL_METRIC_PATTERN.fullmatch(metric):
+            raise ValueError(
+                f"allowed: {', '.join(EVAL_METRICS)}, val/top<k> (eval.topk), loss/* or <stage>/loss/*"
+            )
         return metric
 
     @model_validator(mode="after")

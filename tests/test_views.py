@@ -108,3 +108,26 @@ def test_teacher_recipe_takes_adam_and_a_fixed_normaliser() -> None:
     assert cfg.teacher.recipe.optimizer == "adam" and cfg.teacher.recipe.mean == (0.1307,)
     with pytest.raises(ConfigError, match="set both"):
         resolve_config("demo", ["teacher.recipe.mean=[0.5]"])
+
+
+def test_evaluation_reports_the_configured_top_k() -> None:
+    from rayoodkd.engine.evaluation import evaluate
+
+    class Ranked(torch.nn.Module):
+        """Ranks class (label + 2) first, then (label + 1), then label itself: top-3 hits, top-2 misses."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            label = x.flatten(1)[:, 0].long()
+            logits = torch.zeros(len(x), 10)
+            rows = torch.arange(len(x))
+            logits[rows, (label + 2) % 10], logits[rows, (label + 1) % 10], logits[rows, label] = (
+                3.0,
+                2.0,
+                1.0,
+            )
+            return logits
+
+    images = torch.arange(10).float().view(10, 1, 1, 1)
+    result = evaluate(Ranked(), images, torch.arange(10), topk=(2, 3))
+    assert result == {"top1": 0.0, "top2": 0.0, "top3": 100.0}
+    assert resolve_config("demo", ["eval.topk=[5, 3]"]).eval.topk == (1, 3, 5)

@@ -269,6 +269,7 @@ class Worker:
             device=self.device,
             rank=self.rank,
             world_size=self.world_size,
+            topk=self.cfg.eval.topk,
         )
 
     def _report(self, metrics: dict[str, float], final: bool) -> None:
@@ -284,9 +285,7 @@ class Worker:
             "ddp/replicas_identical": float(len(set(_gather(student_hash, self.world_size))) == 1),
             "student/changed_from_init": float(student_hash != self.initial_student_hash),
             "step": self.step,
-            "val/top1": val["top1"],
-            "val/top5": val["top5"],
-            "val/agreement": val["agreement"],
+            **{f"val/{key}": value for key, value in val.items()},
             "best_val/top1": self.best_val,
             "best_val/step": self.best_step,
             "resumed_from_step": self.resumed_from,
@@ -345,7 +344,7 @@ class Worker:
 
     def _final_metrics(self, student: nn.Module) -> dict[str, float]:
         test = self.evaluate_on("test", student)
-        result = {"test/top1": test["top1"], "test/top5": test["top5"], "test/agreement": test["agreement"]}
+        result = {f"test/{key}": value for key, value in test.items()}
         if self.best_student is not None:
             best = copy.deepcopy(student)
             best.load_state_dict(self.best_student)
