@@ -182,9 +182,9 @@ class ResourcesConfig(Section):
 class DebugConfig(Section):
     """Fault injection, for the failure-recovery tests and for trying FailureConfig by hand."""
 
-    fail_at_step: int | None = Field(None, ge=1, description="a fresh (not resumed) attempt raises here")
+    fail_at_step: int | None = Field(None, ge=1, description="every rank raises here, once per run")
     kill_at_step: int | None = Field(
-        None, ge=1, description="a fresh attempt SIGKILLs the last rank's process here (a lost worker)"
+        None, ge=1, description="the last rank's process is SIGKILLed here (a lost worker), once per run"
     )
 
 
@@ -223,6 +223,12 @@ class BaseRunConfig(Section):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; allowed: {', '.join(METHODS.names())}")
         return value
+
+    @model_validator(mode="after")
+    def _kill_needs_workers(self) -> BaseRunConfig:
+        if self.debug.kill_at_step is not None and self.num_workers == 0:
+            raise ValueError("debug.kill_at_step needs num_workers >= 1 (it would kill the driver itself)")
+        return self
 
     def method_config(self) -> BaseModel:
         """The selected method's own section."""

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
-from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs
+from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import Tracker
+from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
@@ -90,12 +91,13 @@ def _keep_intact(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: value[keep] for key, value in batch.items()}
 
 
-def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], dict[str, int]]:
-    """The Ray datasets of the run and, for materialised ones, how many corrupt images each held."""
+def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """The Ray datasets of the run, how many corrupt images each held (materialised ones), and how many
+    intact rows each consumed stream has (what its epochs are made of)."""
     from rayoodkd.data import load_corpus
 
     consumes = METHODS.get(cfg.method).consumes
-    datasets, corrupt = {}, {}
+    datasets, corrupt, rows_of = {}, {}, {}
     for key, corpus in corpora(cfg).items():
         name = key.removeprefix("data.")
         try:
@@ -125,8 +127,11 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
                 )
             if corrupt[name]:
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
+            rows_of[name] = intact
+        elif name in consumes:
+            rows_of[name] = dataset.count()
         datasets[name] = dataset
-    return datasets, corrupt
+    return datasets, corrupt, {name: rows_of[name] for name in consumes}
 
 
 def _mlflow_run(
@@ -149,37 +154,52 @@ def _logged_keys(cfg: BaseRunConfig) -> set[str]:
     return {k for k in type(cfg).model_fields if k not in METHODS.names() or k == cfg.method}
 
 
+def _interrupted(error: BaseException) -> bool:
+    """Ctrl-C: a KeyboardInterrupt in the driver, or the ``sys.exit`` of Ray Train's own SIGINT handler."""
+    return isinstance(error, KeyboardInterrupt | SystemExit)
+
+
+def _secondary(cause: BaseException) -> bool:
+    """A rank that failed only because a peer died (its collective lost the connection)."""
+    text = str(cause).lower()
+    return any(hint in text for hint in ("connection closed by peer", "connection reset", "gloo", "nccl"))
+
+
 def failure_reason(error: BaseException) -> str:
-    """One line saying why a run ended: the first worker's exception for a Ray Train failure."""
-    if isinstance(error, KeyboardInterrupt):
+    """One line saying why a run ended: for a Ray Train failure, the worker that failed first-hand (a dead
+    actor or its own exception rather than a peer's broken collective), lowest rank first."""
+    if _interrupted(error):
         return "interrupted (Ctrl-C)"
     failures = getattr(error, "worker_failures", None)
     if failures:
-        rank = min(failures)
-        cause = failures[rank]
-        cause = getattr(cause, "cause", None) or cause
-        return f"worker {rank}: {_one_line(cause)}"
+        causes = {rank: getattr(cause, "cause", None) or cause for rank, cause in failures.items()}
+        rank = min(causes, key=lambda r: (_secondary(causes[r]), r))
+        return f"worker {rank}: {one_line(causes[rank])}"
     controller = getattr(error, "controller_failure", None)
-    return _one_line(controller or error)
+    return one_line(controller or error)
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines and lines[0].startswith("Traceback") else (lines[0] if lines else "")
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
-
-
-def _record_failure(tracker: Tracker, previous_status: str | None, run_dir: str, error: BaseException) -> str:
+def _record_failure(
+    tracker: Tracker, previous_status: str | None, run_dir: str, error: BaseException, log: Any
+) -> str:
+    """Close the MLflow run for ``error`` (best effort: a tracking server that is gone only costs a warning)
+    and forget a run that has no intact checkpoint, so a relaunch starts afresh; return the reason."""
     reason = failure_reason(error)
-    if previous_status == "FINISHED":
-        tracker.set_tags({"rayoodkd.relaunch_failure": reason})
-        tracker.terminate("FINISHED")
-    else:
-        tracker.set_tags({"rayoodkd.failure": reason})
-        tracker.terminate("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-    if not checkpoint_dirs(run_dir):
-        fs, path = filesystem(f"{run_dir}/{RUN_FILE}")
-        fs.delete_file(path)
+    try:
+        if previous_status == "FINISHED":
+            tracker.set_tags({"rayoodkd.relaunch_failure": reason})
+            tracker.terminate("FINISHED")
+        else:
+            tracker.set_tags({"rayoodkd.failure": reason})
+            tracker.terminate("KILLED" if _interrupted(error) else "FAILED")
+    except Exception as tracking_error:  # the failure itself is what the user must see
+        log(f"warning: could not close MLflow run {tracker.run_id}: {one_line(tracking_error)}")
+    try:
+        if newest_intact(run_dir).directory is None:
+            fs, path = filesystem(f"{run_dir}/{RUN_FILE}")
+            fs.delete_file(path)
+    except OSError as storage_error:
+        log(f"warning: could not check {run_dir}: {one_line(storage_error)}")
     return reason
 
 
@@ -229,7 +249,9 @@ def _train_in_driver(
     from rayoodkd.engine.session import DriverSession
 
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    session = DriverSession(datasets, loop_config["run_dir"], cfg.checkpoints_to_keep, device)
+    session = DriverSession(
+        datasets, loop_config["run_dir"], cfg.checkpoints_to_keep, loop_config["stream_rows"], device
+    )
     run_worker(loop_config, session)
     return session.last_metrics, session.last_checkpoint or ""
 
@@ -260,7 +282,7 @@ def launch(
     run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = ray_storage_path(cfg.storage_path)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
-    datasets, corrupt_images = _datasets(cfg, info)
+    datasets, corrupt_images, stream_rows = _datasets(cfg, info)
     tags = {"method": cfg.method, **(mlflow_tags or {})}
     tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, run_dir, tags)
     log(
@@ -276,23 +298,45 @@ def launch(
         "tracking_uri": tracker.tracking_uri,
         "mlflow_run_id": tracker.run_id,
         "run_dir": run_dir,
+        "stream_rows": stream_rows,
     }
     try:
         if cfg.num_workers == 0:
             metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets)
         else:
             metrics, checkpoint = _train_on_workers(cfg, loop_config, datasets, run_name, storage, callbacks)
+        summary = _summary(cfg, run_name, metrics, checkpoint, tracker, teacher_path, corrupt_images, started)
+        _finish_tracking(tracker, summary)
     except BaseException as error:
-        reason = _record_failure(tracker, previous_status, run_dir, error)
+        reason = _record_failure(tracker, previous_status, run_dir, error, log)
         if checkpoint_dirs(run_dir):
             log(
                 f"run {run_name}: checkpoints kept in {run_dir}; "
                 f"launch again with run_name={run_name} to resume"
             )
+        if _interrupted(error):
+            raise KeyboardInterrupt from error
         if isinstance(error, Exception):
             raise RunFailed(f"run {run_name} failed: {reason}") from error
         raise
-    summary = RunSummary(
+    if cfg.summary_json:
+        path = Path(cfg.summary_json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _summary(
+    cfg: BaseRunConfig,
+    run_name: str,
+    metrics: dict[str, Any],
+    checkpoint: str,
+    tracker: Tracker,
+    teacher_path: Path,
+    corrupt_images: dict[str, int],
+    started: float,
+) -> RunSummary:
+    return RunSummary(
         method=cfg.method,
         run_name=run_name,
         teacher_accuracy=metrics["teacher/test_top1"],
@@ -314,12 +358,6 @@ def launch(
         checkpoint=checkpoint,
         teacher_checkpoint=str(teacher_path),
     )
-    _finish_tracking(tracker, summary)
-    if cfg.summary_json:
-        path = Path(cfg.summary_json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(summary), indent=2))
-    return summary
 
 
 def _finish_tracking(tracker: Tracker, summary: RunSummary) -> None:

@@ -21,34 +21,24 @@ import torch
 
 from rayoodkd.config import BaseRunConfig, ConfigError
 from rayoodkd.data.config import CorpusConfig
-from rayoodkd.storage import filesystem, is_remote, local_path
+from rayoodkd.errors import first_line
+from rayoodkd.storage import filesystem
 
 TRACKING_TIMEOUT_S = 5.0
 RESERVED_STUDENT_KWARGS = ("num_classes", "in_channels", "image_size")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def check_storage(storage_path: str) -> None:
     """``storage_path`` can be created and written (a probe file is written and removed)."""
-    probe = f".rayoodkd-write-probe-{uuid.uuid4().hex}"
     try:
-        if is_remote(storage_path):
-            fs, root = filesystem(storage_path)
-            fs.create_dir(root, recursive=True)
-            with fs.open_output_stream(f"{root.rstrip('/')}/{probe}") as stream:
-                stream.write(b"ok")
-            fs.delete_file(f"{root.rstrip('/')}/{probe}")
-        else:
-            root_path = local_path(storage_path)
-            root_path.mkdir(parents=True, exist_ok=True)
-            (root_path / probe).write_bytes(b"ok")
-            (root_path / probe).unlink()
+        fs, root = filesystem(storage_path)
+        probe = f"{root.rstrip('/')}/.rayoodkd-write-probe-{uuid.uuid4().hex}"
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"storage_path: cannot write to {storage_path!r} ({_first_line(error)})") from None
+        raise ConfigError(f"storage_path: cannot write to {storage_path!r} ({first_line(error)})") from None
 
 
 def check_tracking(tracking_uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:
@@ -75,9 +65,9 @@ def check_corpus(key: str, corpus: CorpusConfig) -> None:
     try:
         fmt = resolve_format(corpus)
     except FileNotFoundError as error:
-        raise ConfigError(f"{key}.{_first_line(error)}") from None
+        raise ConfigError(f"{key}.{first_line(error)}") from None
     except ValueError as error:
-        raise ConfigError(f"{key}.{_first_line(error)}") from None
+        raise ConfigError(f"{key}.{first_line(error)}") from None
     if fmt == "builtin":
         if corpus.source == "hershey" and not Path(HERSHEY_DIR).is_dir():
             raise ConfigError(f"{key}.source: {HERSHEY_MISSING}")
@@ -96,14 +86,17 @@ def check_corpus(key: str, corpus: CorpusConfig) -> None:
 
 
 def _check_parquet(key: str, corpus: CorpusConfig, fs: pafs.FileSystem, path: str) -> None:
-    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from rayoodkd.data.readers import parquet_files
 
     try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        names, rows = dataset.schema.names, dataset.count_rows()
+        files = parquet_files(fs, path)
+        with fs.open_input_file(files[0]) as stream:
+            names = pq.read_schema(stream).names
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"{key}.source: {corpus.source} is not readable parquet ({_first_line(error)})"
+            f"{key}.source: {corpus.source} is not readable parquet ({first_line(error)})"
         ) from None
     if corpus.image_column not in names:
         raise ConfigError(
@@ -116,8 +109,11 @@ def _check_parquet(key: str, corpus: CorpusConfig, fs: pafs.FileSystem, path: st
         raise ConfigError(
             f"{key}.label_column: column {label!r} is not in {corpus.source} (columns: {', '.join(names)})"
         )
-    if rows == 0:
-        raise ConfigError(f"{key}.source: {corpus.source} holds no rows")
+    for file in files:
+        with fs.open_input_file(file) as stream:
+            if pq.ParquetFile(stream).metadata.num_rows > 0:
+                return
+    raise ConfigError(f"{key}.source: {corpus.source} holds no rows")
 
 
 def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
@@ -142,7 +138,7 @@ def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
 
 def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
     """The student and the method build for this teacher on the CPU, as every worker will build them."""
-    from rayoodkd.engine.loop import build_method, build_student
+    from rayoodkd.engine.loop import build_method, build_student, run_context
     from rayoodkd.teacher_io import load_teacher
 
     teacher, info = load_teacher(teacher_path)
@@ -155,13 +151,14 @@ def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
     try:
         student = build_student(cfg, info, torch.device("cpu"))
     except ValueError as error:
-        raise ConfigError(f"student.arch: {_first_line(error)}") from None
+        raise ConfigError(f"student.arch: {first_line(error)}") from None
     except TypeError as error:
-        raise ConfigError(f"student.kwargs: {_first_line(error)}") from None
+        raise ConfigError(f"student.kwargs: {first_line(error)}") from None
     try:
-        build_method(cfg, teacher, student, info, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        build_method(cfg, teacher, student, run_context(cfg, info, torch.device("cpu"), generator))
     except (ValueError, TypeError, RuntimeError) as error:
-        message = _first_line(error)
+        message = first_line(error)
         raise ConfigError(message if message.startswith(cfg.method) else f"{cfg.method}: {message}") from None
 
 

@@ -34,6 +34,7 @@ from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.streams import tensor_source
+from rayoodkd.errors import first_line
 from rayoodkd.models import build_classifier
 from rayoodkd.teacher_io import TeacherInfo, read_teacher, save_teacher
 
@@ -188,10 +189,11 @@ def import_teacher(weights: str | Path, out: str | Path, spec: ImportSpec) -> Te
     try:
         model.load_state_dict(_foreign_state_dict(Path(weights).expanduser()))
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise ConfigError(f"--weights: the state dict does not fit arch={spec.arch}: {first[:300]}") from None
+        raise ConfigError(
+            f"--weights: the state dict does not fit arch={spec.arch}: {first_line(error, 300)}"
+        ) from None
     info = TeacherInfo(spec.arch, spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
-    info.recipe = {"imported_from": str(weights), "kwargs": spec.kwargs}
+    info.recipe, info.kwargs = {"imported_from": str(weights)}, dict(spec.kwargs)
     save_teacher(out, model, info)
     return info
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from rayoodkd.engine.checkpoint import state_dict_hash
+from rayoodkd.errors import one_line
 from rayoodkd.models import build_classifier
 
 FORMAT = "rayoodkd.teacher/1"
@@ -43,6 +44,7 @@ class TeacherInfo:
     accuracy: dict[str, float] = field(default_factory=dict)
     content_hash: str = ""
     recipe: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def save_teacher(path: str | Path, model: nn.Module, info: TeacherInfo) -> Path:
@@ -62,8 +64,7 @@ def save_teacher(path: str | Path, model: nn.Module, info: TeacherInfo) -> Path:
 def _unreadable_reason(error: Exception) -> str:
     if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
         return "it pickles Python objects beyond tensors, which rayoodkd never unpickles"
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"{type(error).__name__}: {first_line[:160]}"
+    return one_line(error, limit=160)
 
 
 def read_teacher(path: str | Path, key: str = "teacher.checkpoint") -> tuple[dict[str, Tensor], TeacherInfo]:
@@ -94,7 +95,11 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     """A frozen teacher in eval mode on ``device``, and what its checkpoint says about it."""
     state_dict, info = read_teacher(path)
     model = build_classifier(
-        info.arch, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size
+        info.arch,
+        num_classes=info.num_classes,
+        in_channels=info.channels,
+        image_size=info.image_size,
+        **info.kwargs,
     )
     model.load_state_dict(state_dict)
     return model.to(device).eval().requires_grad_(False), info

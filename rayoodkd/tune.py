@@ -41,6 +41,7 @@ from rayoodkd.config import (
     to_yaml,
 )
 from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
+from rayoodkd.teacher_io import TeacherFileError
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SWEEP_FILE = "sweep.json"
@@ -658,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(resolved, sort_keys=False), end="")
             return 0
         result = run_sweep(space, base, output=args.output, resume=args.resume)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0 if result.best is not None else 1

@@ -299,3 +299,25 @@ def test_deepinv_resumes_each_ranks_own_image_pool_on_two_workers(
     assert len(pools_a) == 2 and pools_a[0].shape[0] == 32 and not torch.equal(pools_a[0], pools_a[1])
     for pool_a, rank_b in zip(pools_a, ranks_b, strict=True):
         assert torch.equal(pool_a, rank_b["method"]["pool"])
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path: Path) -> None:
+    legacy = tmp_path / "step_0000004"
+    legacy.mkdir()
+    torch.save({"format": "rayoodkd.run/1", "step": 4}, legacy / STATE_FILE)
+    assert newest_intact(str(tmp_path)).state["step"] == 4
+
+
+def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
+    from rayoodkd.launch import failure_reason
+
+    class WorkerGroupFailure(Exception):
+        worker_failures = {  # noqa: RUF012 - the shape of ray.train.WorkerGroupError
+            0: RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:3456"),
+            1: MemoryError("Task was killed due to the node running low on memory.\nMore lines"),
+        }
+
+    assert failure_reason(WorkerGroupFailure()) == (
+        "worker 1: MemoryError: Task was killed due to the node running low on memory."
+    )
+    assert failure_reason(SystemExit(0)) == "interrupted (Ctrl-C)"

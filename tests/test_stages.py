@@ -54,16 +54,42 @@ def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> Loc
     return session
 
 
+def test_epoch_of_a_stream_follows_its_rows_per_rank_and_batch() -> None:
+    from rayoodkd.methods.base import RunContext
+
+    ctx = RunContext(
+        device=torch.device("cpu"),
+        rank=1,
+        world_size=2,
+        generator=torch.Generator(),
+        num_classes=10,
+        image_size=8,
+        channels=1,
+        mean=(0.5,),
+        std=(0.5,),
+        max_steps=1,
+        batch_size=16,
+        stream_rows={"labelled": 200},
+    )
+    assert ctx.steps_per_epoch("labelled") == 6
+    epochs = []
+    for step in range(1, 14):
+        ctx.stage_step = step
+        epochs.append(ctx.epoch("labelled"))
+    assert epochs == [0] * 6 + [1] * 6 + [2]
+    with pytest.raises(KeyError, match="no known size"):
+        ctx.steps_per_epoch("web")
+
+
 def test_single_stage_methods_are_one_implicit_stage(tiny_teacher: Path) -> None:
-    from rayoodkd.engine.loop import build_method, build_student
+    from rayoodkd.engine.loop import build_method, build_student, run_context
     from rayoodkd.teacher_io import load_teacher
 
     teacher, info = load_teacher(tiny_teacher)
     cfg = resolve_config("demo", [f"teacher.checkpoint={tiny_teacher}", "max_steps=37"])
-    method = build_method(
-        cfg, teacher, build_student(cfg, info, torch.device("cpu")), info, torch.device("cpu")
-    )
-    [stage] = method.stages()
+    cpu = torch.device("cpu")
+    ctx = run_context(cfg, info, cpu, torch.Generator())
+    [stage] = build_method(cfg, teacher, build_student(cfg, info, cpu), ctx).stages()
     assert (stage.name, stage.steps, stage.trains, stage.reload_best) == ("train", 37, None, False)
     assert "dfq_finetune" in METHODS.names()
 
@@ -92,6 +118,7 @@ def test_a_run_killed_in_stage_two_resumes_there_and_ends_identical(tmp_path: Pa
         for name, tensor in weights.items():
             torch.testing.assert_close(final_b["players"][player][name], tensor, rtol=0, atol=0)
     assert resumed.reports[-1]["test/top1"] == straight.reports[-1]["test/top1"]
+    assert final_a["ranks"][0]["streams"]["labelled"] == {"epoch": 0, "consumed": 4}  # 8 batches per epoch
 
 
 def test_the_selected_snapshot_of_stage_one_is_what_stage_two_starts_from(
@@ -146,3 +173,29 @@ def test_two_workers_resume_in_stage_two_and_log_per_stage_metrics(
     assert history["finetune/loss/ce"] == [5, 6, 7, 8]
     assert history["val/top1"] == [2, 4, 6, 8]
     assert [m.value for m in client.get_metric_history(summary.mlflow_run_id, "stage")] == [0, 0, 1, 1]
+
+
+@pytest.mark.ray
+def test_epochs_of_a_sharded_stream_have_the_length_every_rank_computes(
+    tmp_path: Path, bn_teacher: Path, ray_local
+) -> None:
+    """200 labelled rows on 2 workers, batches of 16: 6 steps per epoch on each rank; 8 fine-tuning steps
+    end 2 batches into the second epoch of both ranks' shards (Ray Data's equal split)."""
+    cfg = resolve_config(
+        "demo",
+        [
+            f"teacher.checkpoint={bn_teacher}",
+            f"storage_path={tmp_path / 'runs'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "run_name=epochs",
+            "num_workers=2",
+            *STAGED,
+            "data.labelled={source: mnist5k, split: train, num_images: 200}",
+            "dfq_finetune.datafree_steps=1",
+            "dfq_finetune.finetune_steps=8",
+            "eval.every=9",
+        ],
+    )
+    summary = launch(cfg)
+    ranks = load_state(summary.checkpoint)["ranks"]
+    assert [rank["streams"]["labelled"] for rank in ranks] == [{"epoch": 1, "consumed": 2}] * 2

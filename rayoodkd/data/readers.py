@@ -232,7 +232,7 @@ def corpus_summary(ds: ray.data.Dataset) -> dict[str, Any]:
     }
 
 
-def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
+def parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
     if _GLOB_CHARS.search(path):
         parent, pattern = posixpath.split(path)
         regex = re.compile(fnmatch.translate(pattern))
@@ -253,7 +253,7 @@ def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
 def _read_parquet(cfg: CorpusConfig, source: str) -> ray.data.Dataset:
     """Parquet shards with an encoded-image column and an optional int label column."""
     fs, path = filesystem_and_path(source)
-    files = _parquet_files(fs, path)
+    files = parquet_files(fs, path)
     with fs.open_input_file(files[0]) as f:
         names = pq.read_schema(f).names
     if cfg.image_column not in names:

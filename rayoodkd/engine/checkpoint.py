@@ -27,7 +27,8 @@ from rayoodkd.storage import filesystem
 
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
-FORMAT = "rayoodkd.run/1"
+FORMAT = "rayoodkd.run/2"
+LEGACY_FORMAT = "rayoodkd.run/1"  # written before manifests: accepted without one when it loads
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)(-[0-9a-f]+)?$")
 
 
@@ -93,21 +94,21 @@ def load_state(directory: str | Path) -> dict[str, Any]:
 
     Raises :class:`CorruptCheckpoint` (saying what is wrong with which file) for a truncated or altered
     ``state.pt``, a missing manifest, or a state that does not load; ``FileNotFoundError`` if there is no
-    ``state.pt`` at all.
+    ``state.pt`` at all. Checkpoints of the legacy format (before manifests) load without one.
     """
     fs, root = filesystem(str(directory))
     state_path, manifest_path = f"{root}/{STATE_FILE}", f"{root}/{MANIFEST_FILE}"
     if fs.get_file_info(state_path).type != pafs.FileType.File:
         raise FileNotFoundError(f"checkpoint {directory}: no {STATE_FILE} inside")
-    if fs.get_file_info(manifest_path).type != pafs.FileType.File:
-        raise CorruptCheckpoint(f"{directory}: no {MANIFEST_FILE} (the checkpoint was not finished)")
-    try:
-        manifest = json.loads(_read_file(fs, manifest_path))
-        expected = str(manifest["sha256"])
-    except (ValueError, KeyError) as error:
-        raise CorruptCheckpoint(f"{directory}/{MANIFEST_FILE}: unreadable ({error})") from None
+    manifest: dict[str, Any] | None = None
+    if fs.get_file_info(manifest_path).type == pafs.FileType.File:
+        try:
+            manifest = json.loads(_read_file(fs, manifest_path))
+            expected = str(manifest["sha256"])
+        except (ValueError, KeyError) as error:
+            raise CorruptCheckpoint(f"{directory}/{MANIFEST_FILE}: unreadable ({error})") from None
     data = _read_file(fs, state_path)
-    if hashlib.sha256(data).hexdigest() != expected:
+    if manifest is not None and hashlib.sha256(data).hexdigest() != expected:
         raise CorruptCheckpoint(
             f"{directory}/{STATE_FILE}: content hash mismatch ({len(data)} bytes, "
             f"{manifest.get('bytes')} expected): truncated or altered"
@@ -116,10 +117,11 @@ def load_state(directory: str | Path) -> dict[str, Any]:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a verified but unloadable file is still only a skipped checkpoint
         raise CorruptCheckpoint(f"{directory}/{STATE_FILE}: does not load ({type(error).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CorruptCheckpoint(
-            f"{directory}/{STATE_FILE}: format {state.get('format')!r}, expected {FORMAT!r}"
-        )
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == FORMAT and manifest is None:
+        raise CorruptCheckpoint(f"{directory}: no {MANIFEST_FILE} (the checkpoint was not finished)")
+    if found not in (FORMAT, LEGACY_FORMAT):
+        raise CorruptCheckpoint(f"{directory}/{STATE_FILE}: format {found!r}, expected {FORMAT!r}")
     return state
 
 

@@ -19,7 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from rayoodkd.config import BaseRunConfig, build_config
-from rayoodkd.engine.checkpoint import rng_state, save_state, set_rng_state, state_dict_hash
+from rayoodkd.engine.checkpoint import (
+    ResumePoint,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+    state_dict_hash,
+)
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
@@ -39,7 +46,7 @@ class InjectedFailure(RuntimeError):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
-    run_worker(loop_config, RaySession(loop_config["run_dir"]))
+    run_worker(loop_config, RaySession(loop_config["run_dir"], loop_config["stream_rows"]))
 
 
 def _seed_rank(seed: int, rank: int, device: torch.device) -> torch.Generator:
@@ -99,17 +106,28 @@ def run_context(
         std=info.std,
         max_steps=cfg.max_steps,
         amp_dtype=amp_dtype,
+        batch_size=cfg.data.batch_size,
     )
 
 
-def build_method(
-    cfg: BaseRunConfig, teacher: nn.Module, student: nn.Module, info: TeacherInfo, device: torch.device
-) -> Method:
-    """The configured method around ``teacher`` and ``student`` in a one-process context (pre-flight)."""
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return METHODS.get(cfg.method)(
-        teacher, student, cfg.method_config(), run_context(cfg, info, device, generator)
-    )
+def build_method(cfg: BaseRunConfig, teacher: nn.Module, student: nn.Module, ctx: RunContext) -> Method:
+    """The configured method around ``teacher`` and ``student``; its stages checked."""
+    method = METHODS.get(cfg.method)(teacher, student, cfg.method_config(), ctx)
+    if method.stages()[-1].reload_best:
+        raise ValueError(
+            f"{cfg.method}: the last stage cannot reload its best snapshot (the run's best-on-val student "
+            "is already reported as test/top1_at_best_val)"
+        )
+    return method
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 class Worker:
@@ -124,10 +142,9 @@ class Worker:
         self.ctx = run_context(
             self.cfg, self.teacher_info, self.device, self.generator, self.rank, self.world_size
         )
+        self.ctx.stream_rows = dict(session.stream_rows)
         student = build_student(self.cfg, self.teacher_info, self.device)
-        self.method: Method = METHODS.get(self.cfg.method)(
-            self.teacher, student, self.cfg.method_config(), self.ctx
-        )
+        self.method = build_method(self.cfg, self.teacher, student, self.ctx)
         if self.ctx.amp_dtype == torch.float16:
             self.ctx.scalers.update({name: torch.amp.GradScaler("cuda") for name in self.method.optimizers()})
         self.streams = DeviceStreams(
@@ -146,13 +163,15 @@ class Worker:
         self.train_seconds = 0.0
         self.images_seen = 0.0
         self.resumed_from = 0
-        point = session.resume_point()
-        state = point.state
+        # Rank 0 picks the checkpoint, so that every rank restores the same step.
+        point = session.resume_point() if self.rank == 0 else ResumePoint()
+        directory = _broadcast(point.directory, self.world_size)
+        state = point.state if self.rank == 0 or directory is None else load_state(directory)
         if self.rank == 0:
-            for directory, reason in point.skipped:
-                print(f"resume: skipped checkpoint {directory}: {reason}", flush=True)
-            if point.directory and point.skipped:
-                print(f"resume: resuming from {point.directory}", flush=True)
+            for skipped, reason in point.skipped:
+                print(f"resume: skipped checkpoint {skipped}: {reason}", flush=True)
+            if directory and point.skipped:
+                print(f"resume: resuming from {directory}", flush=True)
         if state is not None:
             self._restore(state)
         self.initial_student_hash = self._student_hash() if state is None else state["initial_student_hash"]
@@ -160,13 +179,15 @@ class Worker:
         self.test = self._eval_set("test")
         self.teacher_test_top1 = self.evaluate_on("test", self.teacher)["top1"]
         self.fault_marker = f"{session.run_dir}/{FAULT_MARKER}"
-        self.faults_armed = read_json(self.fault_marker) is None
+        self.fired_faults = (read_json(self.fault_marker) or {}).get("fired", [])
         run_id = loop_config.get("mlflow_run_id")
         self.tracker = Tracker(loop_config["tracking_uri"], run_id) if self.rank == 0 and run_id else None
-        # Steps a killed attempt logged after its last checkpoint are re-run but not logged twice.
-        self.logged_through = 0
-        if self.tracker is not None and state is not None:
+        # Steps an earlier attempt logged after its last checkpoint are re-run but not logged twice; training
+        # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
+        self.logged_through = self.evaluated_through = 0
+        if self.tracker is not None:
             self.logged_through = self.tracker.last_logged_step(THROUGHPUT_KEY)
+            self.evaluated_through = self.tracker.last_logged_step("val/top1")
             if point.skipped:
                 self.tracker.set_tags({"resume.skipped_checkpoints": "; ".join(d for d, _ in point.skipped)})
 
@@ -296,7 +317,7 @@ class Worker:
         if final:
             report.update(self._final_metrics(student))
         samples = self.method.samples()
-        if self.tracker is not None and self.step > self.logged_through:
+        if self.tracker is not None and self.step > self.evaluated_through:
             logged = self._in_stage(metrics)
             self.tracker.log_metrics({k: v for k, v in report.items() if k not in logged}, self.step)
             if samples is not None:
@@ -329,7 +350,7 @@ class Worker:
             self.best_val, self.best_step, self.best_student = -1.0, 0, None
         stage = self.stages[index]
         self.ctx.stage, self.ctx.stage_step = stage.name, self.stage_step
-        trained = set(stage.trains or self.method.players())
+        trained = set(self.method.players() if stage.trains is None else stage.trains)
         for name, player in self.method.players().items():
             module = unwrap(player)
             if name in trained:
@@ -352,18 +373,24 @@ class Worker:
         return result
 
     def _inject_faults(self) -> None:
-        """``debug.fail_at_step`` / ``kill_at_step``: each fires once per run directory (a marker file
-        remembers it), so the attempt that resumes after it trains on."""
+        """``debug.fail_at_step`` / ``kill_at_step``: each (kind, step) fires once per run directory (a
+        marker file remembers it), so the attempt that resumes after it trains on."""
         debug = self.cfg.debug
-        if not self.faults_armed or self.step not in (debug.fail_at_step, debug.kill_at_step):
-            return
-        if self.step == debug.kill_at_step and self.rank == self.world_size - 1:
-            write_json(self.fault_marker, {"kill_at_step": self.step})
+        if self.step == debug.kill_at_step and self._arm("kill_at_step") and self.rank == self.world_size - 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.step == debug.fail_at_step:
-            if self.rank == 0:
-                write_json(self.fault_marker, {"fail_at_step": self.step})
+        if self.step == debug.fail_at_step and self._arm("fail_at_step"):
             raise InjectedFailure(f"debug.fail_at_step={self.step}: injected worker failure")
+
+    def _arm(self, kind: str) -> bool:
+        """Whether fault ``kind`` at this step has not fired yet; if so, record (rank 0 and the killed last
+        rank write the marker) that it fires now."""
+        fault = f"{kind}={self.step}"
+        if fault in self.fired_faults:
+            return False
+        self.fired_faults = [*self.fired_faults, fault]
+        if self.rank in (0, self.world_size - 1):
+            write_json(self.fault_marker, {"fired": self.fired_faults})
+        return True
 
     def run(self) -> None:
         cfg = self.cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ class Session(Protocol):
     world_size: int
     device: torch.device
     run_dir: str
+    stream_rows: dict[str, int]
 
     def resume_point(self) -> ResumePoint: ...
 
@@ -72,7 +74,7 @@ def _collect(shard: Any) -> tuple[Tensor, Tensor]:
 class RaySession:
     """A Ray Train worker: dataset shards, DDP through ``prepare_model``, ``ray.train.report`` checkpoints."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, stream_rows: dict[str, int]) -> None:
         import ray.train
         import ray.train.torch
 
@@ -81,6 +83,7 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
+        self.stream_rows = stream_rows
 
     def resume_point(self) -> ResumePoint:
         return newest_intact(self.run_dir)
@@ -120,9 +123,15 @@ class DriverSession:
     checkpoints to the run directory (the same layout, manifest and retention as Ray Train's)."""
 
     def __init__(
-        self, datasets: dict[str, Any], run_dir: str, keep: int, device: str | torch.device = "cpu"
+        self,
+        datasets: dict[str, Any],
+        run_dir: str,
+        keep: int,
+        stream_rows: dict[str, int],
+        device: str | torch.device = "cpu",
     ) -> None:
         self.rank, self.world_size = 0, 1
+        self.stream_rows = stream_rows
         self.device = torch.device(device)
         self.datasets = datasets
         self.run_dir = run_dir.rstrip("/")
@@ -146,10 +155,12 @@ class DriverSession:
         self.last_metrics = dict(metrics)
         if checkpoint_dir is None:
             return
-        self.last_checkpoint = publish_checkpoint(checkpoint_dir, self.run_dir, checkpoint_dir_name(step))
+        name = unused_checkpoint_name(self.run_dir, step)
+        self.last_checkpoint = publish_checkpoint(checkpoint_dir, self.run_dir, name)
         for _, stale in checkpoint_dirs(self.run_dir)[self.keep :]:
-            fs, path = filesystem(stale)
-            fs.delete_dir(path)
+            if stale != self.last_checkpoint:  # never the one just written (newer ones may be broken)
+                fs, path = filesystem(stale)
+                fs.delete_dir(path)
 
 
 def unused_checkpoint_name(run_dir: str, step: int) -> str:
@@ -160,7 +171,7 @@ def unused_checkpoint_name(run_dir: str, step: int) -> str:
     fs, root = filesystem(f"{run_dir}/{name}")
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return name
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+    return f"{name}-{time.time_ns():x}"  # a later re-take sorts after an earlier one
 
 
 def publish_checkpoint(local_dir: Path, run_dir: str, name: str) -> str:
@@ -204,6 +215,7 @@ class LocalSession:
         self.eval_sets = eval_sets
         self.checkpoint_root = Path(checkpoint_root)
         self.run_dir = str(self.checkpoint_root)
+        self.stream_rows = {name: len(images) for name, (images, _) in streams.items()}
         self.resume_from = Path(resume_from) if resume_from else None
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[Path] = []

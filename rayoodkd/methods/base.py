@@ -82,6 +82,8 @@ class RunContext:
     scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
     stage: str = "train"
     stage_step: int = 0
+    batch_size: int = 128
+    stream_rows: dict[str, int] = field(default_factory=dict)
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in [0, 1] -> the teacher's input space."""
@@ -94,6 +96,19 @@ class RunContext:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def steps_per_epoch(self, stream: str) -> int:
+        """Batches of ``stream`` in one epoch on each rank: every rank holds an equal share of its rows
+        (Ray Data's equal split) and drops the last partial batch, so ranks agree on it."""
+        if stream not in self.stream_rows:
+            raise KeyError(
+                f"stream {stream!r} has no known size; sized: {', '.join(self.stream_rows) or 'none'}"
+            )
+        return max(self.stream_rows[stream] // self.world_size // self.batch_size, 1)
+
+    def epoch(self, stream: str) -> int:
+        """The 0-based epoch of ``stream`` the current step of the stage belongs to (AuG-KD's f(epoch))."""
+        return max(self.stage_step - 1, 0) // self.steps_per_epoch(stream)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum of ``tensor`` over all ranks (e.g. per-class counts of a selection), on every rank."""
