@@ -31,7 +31,7 @@ from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
 from rayoodkd.engine.tracking import Tracker
-from rayoodkd.methods import METHODS, Method, RunContext, unwrap
+from rayoodkd.methods import METHODS, Method, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
 from rayoodkd.storage import read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, load_teacher
@@ -151,10 +151,13 @@ class Worker:
             session.sources(self.method.consumes, self.cfg.data, self.cfg.seed),
             self.ctx,
             {stream: self.cfg.data.transform(stream) for stream in self.method.consumes},
+            self.cfg.seed,
         )
         self.stages = self.method.stages()
-        self.total_steps = sum(stage.steps for stage in self.stages)
         self.stage_index = self.stage_step = 0
+        # Position in the current epoch of a stage budgeted in epochs (0 steps: the epoch has not begun).
+        self.stage_epoch = self.epoch_step = self.epoch_steps = 0
+        self.epoch_metrics: dict[str, float] = {}
         self.stage_best: dict[str, Any] | None = None
         self.step = 0
         self.best_val = -1.0
@@ -214,6 +217,9 @@ class Worker:
         self.step = self.resumed_from = int(state["step"])
         self.stage_index = int(state.get("stage", 0))
         self.stage_step = int(state.get("stage_step", self.step))
+        self.stage_epoch = int(state.get("stage_epoch", 0))
+        self.epoch_step = int(state.get("epoch_step", 0))
+        self.epoch_steps = int(state.get("epoch_steps", 0))
         self.stage_best = state.get("stage_best")
         self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
         self.best_student = state["best_student"]
@@ -235,6 +241,9 @@ class Worker:
             "step": self.step,
             "stage": self.stage_index,
             "stage_step": self.stage_step,
+            "stage_epoch": self.stage_epoch,
+            "epoch_step": self.epoch_step,
+            "epoch_steps": self.epoch_steps,
             "stage_best": self.stage_best,
             "players": {name: unwrap(p).state_dict() for name, p in self.method.players().items()},
             "optimizers": {name: o.state_dict() for name, o in self.method.optimizers().items()},
@@ -322,6 +331,7 @@ class Worker:
             self.tracker.log_metrics({k: v for k, v in report.items() if k not in logged}, self.step)
             if samples is not None:
                 self.tracker.log_image_grid(samples[:64], f"samples/step_{self.step:07d}.png")
+        report.update(self._in_stage(self.epoch_metrics))  # logged once, at the epoch's start
         payload = self._payload()
         if self.rank == 0:
             with scratch_dir() as directory:
@@ -347,9 +357,14 @@ class Worker:
         """Start (or resume inside) stage ``index``: DDP-wrap the players it trains, unwrap the others."""
         if index != self.stage_index:
             self.stage_index, self.stage_step, self.stage_best = index, 0, None
+            self.stage_epoch = self.epoch_step = self.epoch_steps = 0
             self.best_val, self.best_step, self.best_student = -1.0, 0, None
         stage = self.stages[index]
-        self.ctx.stage, self.ctx.stage_step = stage.name, self.stage_step
+        self.ctx.stage, self.ctx.stage_step, self.ctx.stage_epoch = (
+            stage.name,
+            self.stage_step,
+            self.stage_epoch,
+        )
         trained = set(self.method.players() if stage.trains is None else stage.trains)
         for name, player in self.method.players().items():
             module = unwrap(player)
@@ -392,29 +407,54 @@ class Worker:
             write_json(self.fault_marker, {"fired": self.fired_faults})
         return True
 
+    def _stage_done(self, stage: Stage) -> bool:
+        if stage.epochs is None:
+            return self.stage_step >= stage.steps
+        return self.stage_epoch >= stage.epochs
+
+    def _begin_epoch(self, stage: Stage, pending: dict[str, list[float]]) -> None:
+        """Ask the method for the epoch's selection (and how many steps it fills on every rank)."""
+        self.ctx.stage_epoch = self.stage_epoch
+        self.epoch_steps, self.epoch_metrics = self.method.begin_epoch(self.streams, self.stage_epoch)
+        if self.epoch_steps < 1:
+            raise RuntimeError(
+                f"{self.cfg.method}: epoch {self.stage_epoch} of stage {stage.name!r} selected less than one "
+                f"batch (data.batch_size {self.cfg.data.batch_size}) on some rank"
+            )
+        for key, value in self.epoch_metrics.items():
+            pending.setdefault(key, []).append(value)
+
     def run(self) -> None:
         cfg = self.cfg
         pending: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
+        trained = False
         for index in range(self.stage_index, len(self.stages)):
             self._enter(index)
             stage = self.stages[index]
-            while self.stage_step < stage.steps:
+            while not self._stage_done(stage):
+                by_epoch = stage.epochs is not None
+                if by_epoch and self.epoch_steps == 0:
+                    self._begin_epoch(stage, pending)
                 self.step += 1
                 self.stage_step += 1
+                self.epoch_step += by_epoch
                 self.ctx.stage_step = self.stage_step
                 self._inject_faults()
                 started = time.perf_counter()
                 for key, value in self.method.train_step(self.streams).items():
                     pending.setdefault(key, []).append(value)
                 self.train_seconds += time.perf_counter() - started
-                stage_end = self.stage_step == stage.steps
+                trained = True
+                if by_epoch and self.epoch_step == self.epoch_steps:
+                    self.stage_epoch, self.epoch_step, self.epoch_steps = self.stage_epoch + 1, 0, 0
+                stage_end = self._stage_done(stage)
                 if self.step % cfg.log_every == 0 or self.step % cfg.eval.every == 0 or stage_end:
                     metrics = self._log(pending)
                 if self.step % cfg.eval.every == 0 or stage_end:
-                    self._report(metrics, final=self.step == self.total_steps)
+                    self._report(metrics, final=stage_end and index == len(self.stages) - 1)
             self._leave()
-        if self.resumed_from >= self.total_steps:
+        if not trained:  # relaunched after the end: report the final figures again
             self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)
 
 

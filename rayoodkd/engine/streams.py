@@ -1,12 +1,15 @@
 """Real-data streams for ``Method.train_step``: Ray Data shards on workers, in-memory tensors in one process.
 
 Every source yields batches ``{"image": float [N, C, H, W] in [0, 1], "label": int64 [N], "corrupt": bool
-[N]}`` epoch after epoch. :class:`DeviceStreams` drops (and counts) corrupt rows, moves the batch to the
-worker's device, augments it with the rank's generator and normalises it with the teacher's statistics.
+[N]}`` epoch after epoch, and can ``scan`` this rank's whole share once. :class:`DeviceStreams` drops (and
+counts) corrupt rows, moves the batch to the worker's device, augments it with the rank's generator and
+normalises it; a method may replace a stream's training rows by a per-epoch *selection* of scanned rows
+(KD3, DFND), whose epoch length all ranks agree on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -23,6 +26,8 @@ class BatchSource(Protocol):
 
     def next_batch(self) -> dict[str, Tensor]: ...
 
+    def scan(self, batch_size: int) -> Iterator[dict[str, Tensor]]: ...
+
     def state_dict(self) -> dict[str, int]: ...
 
     def load_state_dict(self, state: dict[str, int]) -> None: ...
@@ -31,8 +36,13 @@ class BatchSource(Protocol):
 class EpochSource:
     """Turns ``epoch_iterator(epoch)`` into an endless source that remembers (epoch, batches consumed)."""
 
-    def __init__(self, epoch_iterator: Callable[[int], Iterator[dict[str, Tensor]]]) -> None:
+    def __init__(
+        self,
+        epoch_iterator: Callable[[int], Iterator[dict[str, Tensor]]],
+        scan: Callable[[int], Iterator[dict[str, Tensor]]],
+    ) -> None:
         self.epoch_iterator = epoch_iterator
+        self.scan = scan
         self.epoch = 0
         self.consumed = 0
         self._iterator: Iterator[dict[str, Tensor]] | None = None
@@ -64,20 +74,24 @@ def tensor_source(
 
     Deterministic, so a resumed run sees exactly the batches an uninterrupted one would.
     """
-    images, labels = images[rank::world_size], labels[rank::world_size]
+    images, labels = images[rank::world_size], labels[rank::world_size]  # uint8 images are read as /255
+
+    def batch(index: Tensor) -> dict[str, Tensor]:
+        unit = images[index]
+        unit = unit.float() / 255 if unit.dtype == torch.uint8 else unit
+        return {"image": unit, "label": labels[index], "corrupt": torch.zeros(len(index), dtype=torch.bool)}
 
     def epoch_iterator(epoch: int) -> Iterator[dict[str, Tensor]]:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            yield {
-                "image": images[index],
-                "label": labels[index],
-                "corrupt": torch.zeros(len(index), dtype=torch.bool),
-            }
+            yield batch(order[start : start + batch_size])
 
-    return EpochSource(epoch_iterator)
+    def scan(scan_batch_size: int) -> Iterator[dict[str, Tensor]]:
+        for start in range(0, len(images), scan_batch_size):
+            yield batch(torch.arange(start, min(start + scan_batch_size, len(images))))
+
+    return EpochSource(epoch_iterator, scan)
 
 
 def ray_shard_source(
@@ -98,7 +112,12 @@ def ray_shard_source(
             prefetch_batches=prefetch_batches,
         )
 
-    return EpochSource(epoch_iterator)
+    def scan(scan_batch_size: int) -> Iterator[dict[str, Tensor]]:
+        return shard.iter_torch_batches(
+            batch_size=scan_batch_size, drop_last=False, prefetch_batches=prefetch_batches
+        )
+
+    return EpochSource(epoch_iterator, scan)
 
 
 class DeviceStreams:
@@ -110,37 +129,84 @@ class DeviceStreams:
     """
 
     def __init__(
-        self, sources: dict[str, BatchSource], ctx: RunContext, transforms: dict[str, StreamTransform]
+        self,
+        sources: dict[str, BatchSource],
+        ctx: RunContext,
+        transforms: dict[str, StreamTransform],
+        seed: int = 0,
     ) -> None:
         self.sources = sources
         self.ctx = ctx
         self.transforms = transforms
+        self.seed = seed
         self.corrupt_skipped = 0
+        self.selections: dict[str, dict[str, Any]] = {}
+        self.selected: dict[str, EpochSource] = {}
 
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
         if stream not in self.sources:
             raise KeyError(
                 f"stream {stream!r} is not configured; configured: {', '.join(self.sources) or 'none'}"
             )
-        batch = self.sources[stream].next_batch()
+        source = self.selected.get(stream) or self.sources[stream]
+        batch = source.next_batch()
         keep = ~batch["corrupt"].bool()
         self.corrupt_skipped += int((~keep).sum())
         unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
         labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
-        transform = self.transforms[stream]
         if augment:
-            unit = augment_batch(unit, transform.augment, self.ctx.generator)
-        if transform.normalizer is None:
-            image = self.ctx.normalize(unit)
-        else:
-            mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in transform.normalizer)
-            image = (unit - mean) / std
-        return {"image": image, "unit": unit, "label": labels}
+            unit = augment_batch(unit, self.transforms[stream].augment, self.ctx.generator)
+        return {"image": self._normalize(stream, unit), "unit": unit, "label": labels}
+
+    def _normalize(self, stream: str, unit: Tensor) -> Tensor:
+        normalizer = self.transforms[stream].normalizer
+        if normalizer is None:
+            return self.ctx.normalize(unit)
+        mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in normalizer)
+        return (unit - mean) / std
+
+    def scan(self, stream: str, batch_size: int = 512) -> Iterator[dict[str, Tensor]]:
+        """This rank's whole share of ``stream`` once, in order, not augmented: batches of ``image``
+        (normalised), ``unit``, ``label`` and ``row_id`` (a content hash, stable across runs and ranks).
+
+        Every rank must scan at the same time (Ray Data hands each epoch's blocks to all ranks together)."""
+        for batch in self.sources[stream].scan(batch_size):
+            keep = ~batch["corrupt"].bool()
+            unit = batch["image"][keep].to(torch.float32)
+            quantised = (unit * 255).round().to(torch.uint8).flatten(1).numpy()
+            row_id = torch.tensor([_content_id(row.tobytes()) for row in quantised], dtype=torch.int64)
+            unit = unit.to(self.ctx.device, non_blocking=True)
+            labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
+            yield {"image": self._normalize(stream, unit), "unit": unit, "label": labels, "row_id": row_id}
+
+    def use_selection(self, stream: str, unit: Tensor, labels: Tensor, epoch: int) -> int:
+        """Train on these scanned rows of ``stream`` (images in [0, 1]) until the next selection; returns the
+        steps of the epoch, the same on every rank: the smallest rank's selection sets it (the others leave
+        their extra rows out this epoch, a different subset each epoch)."""
+        images = (unit.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        labels = labels.detach().cpu().long()
+        self.selections[stream] = {"images": images, "labels": labels, "epoch": epoch}
+        self._select(stream)
+        local = torch.tensor([len(images) // self.ctx.batch_size], dtype=torch.int64, device=self.ctx.device)
+        return int(self.ctx.all_reduce(local, "min").item())
+
+    def _select(self, stream: str) -> None:
+        selection = self.selections[stream]
+        self.selected[stream] = tensor_source(
+            selection["images"],
+            selection["labels"],
+            self.ctx.batch_size,
+            seed=self.seed * 7_919 + 104_729 * self.ctx.rank + selection["epoch"],
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "corrupt_skipped": self.corrupt_skipped,
             **{k: s.state_dict() for k, s in self.sources.items()},
+            "selections": {
+                name: {**selection, "position": self.selected[name].state_dict()}
+                for name, selection in self.selections.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -148,3 +214,11 @@ class DeviceStreams:
         for name, source in self.sources.items():
             if name in state:
                 source.load_state_dict(state[name])
+        for name, selection in state.get("selections", {}).items():
+            self.selections[name] = {key: value for key, value in selection.items() if key != "position"}
+            self._select(name)
+            self.selected[name].load_state_dict(selection["position"])
+
+
+def _content_id(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)

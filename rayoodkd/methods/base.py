@@ -11,6 +11,7 @@ logs whatever ``train_step`` returns.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+from torch.distributed import ReduceOp
 
 
 class MethodConfig(BaseModel):
@@ -32,15 +34,26 @@ class Streams(Protocol):
     A batch is ``{"image": float tensor [N, C, H, W] normalised (the teacher's statistics unless
     ``data.transforms.<stream>.normalizer`` says otherwise), "unit": the same augmented images in [0, 1],
     "label": int64 tensor [N] (-1 when unlabelled)}``, on the worker's device; ``augment=False`` skips the
-    stream's augmentation (e.g. MosaicKD's discriminator view of the OOD set).
+    stream's augmentation (e.g. MosaicKD's discriminator view of the OOD set). ``scan`` visits this rank's
+    whole share of a stream once (with a stable ``row_id``); ``use_selection`` makes chosen scanned rows
+    what ``next`` trains on until the next selection.
     """
 
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]: ...
+
+    def scan(self, stream: str, batch_size: int = 512) -> Iterator[dict[str, Tensor]]: ...
+
+    def use_selection(self, stream: str, unit: Tensor, labels: Tensor, epoch: int) -> int: ...
 
 
 @dataclass(frozen=True)
 class Stage:
     """One phase of a method: its budget, the players it trains, and how its result is selected.
+
+    A stage lasts ``steps`` steps, or ``epochs`` epochs of a per-epoch selection: at the start of each of
+    its epochs the engine calls :meth:`Method.begin_epoch`, which scans a stream and hands the engine the
+    rows to train on (``Streams.use_selection``); the epoch lasts as many steps as the smallest rank's
+    selection fills.
 
     The engine runs a method's stages in order. Only the players named in ``trains`` (all when ``None``) are
     wrapped in DDP during the stage; the others stay frozen as they are. At every evaluation the stage's
@@ -51,11 +64,16 @@ class Stage:
     """
 
     name: str
-    steps: int
+    steps: int = 0
     trains: tuple[str, ...] | None = None
     select: str = "val/top1"
     mode: Literal["max", "min"] = "max"
     reload_best: bool = False
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps <= 0):
+            raise ValueError(f"stage {self.name!r}: give its budget as steps > 0 or as epochs, not both")
 
     def better(self, score: float, best: float | None) -> bool:
         """Whether ``score`` improves on ``best`` in this stage's ``mode``."""
@@ -82,6 +100,7 @@ class RunContext:
     scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
     stage: str = "train"
     stage_step: int = 0
+    stage_epoch: int = 0
     batch_size: int = 128
     stream_rows: dict[str, int] = field(default_factory=dict)
 
@@ -110,11 +129,12 @@ class RunContext:
         """The 0-based epoch of ``stream`` the current step of the stage belongs to (AuG-KD's f(epoch))."""
         return max(self.stage_step - 1, 0) // self.steps_per_epoch(stream)
 
-    def all_reduce(self, tensor: Tensor) -> Tensor:
-        """The sum of ``tensor`` over all ranks (e.g. per-class counts of a selection), on every rank."""
+    def all_reduce(self, tensor: Tensor, op: Literal["sum", "min", "max"] = "sum") -> Tensor:
+        """``tensor`` reduced over all ranks (e.g. the sum of per-class counts), on every rank."""
         total = tensor.clone()
         if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(total)
+            ops = {"sum": ReduceOp.SUM, "min": ReduceOp.MIN, "max": ReduceOp.MAX}
+            torch.distributed.all_reduce(total, op=ops[op])
         return total
 
     def all_gather(self, tensor: Tensor) -> Tensor:
@@ -180,6 +200,11 @@ class Method(ABC):
         """The method's phases in order (``ctx.stage`` names the current one); one implicit stage of
         ``max_steps`` by default."""
         return [Stage("train", self.ctx.max_steps)]
+
+    def begin_epoch(self, data: Streams, epoch: int) -> tuple[int, dict[str, float]]:
+        """Start epoch ``epoch`` of a stage budgeted in epochs: choose its rows (``data.scan``,
+        ``data.use_selection``) and return (the epoch's steps as ``use_selection`` gave them, metrics)."""
+        raise TypeError(f"{self.name}: a stage budgeted in epochs needs {type(self).__name__}.begin_epoch")
 
     @abstractmethod
     def train_step(self, data: Streams) -> dict[str, float]:

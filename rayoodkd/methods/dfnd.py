@@ -1,0 +1,131 @@
+"""DFND-style KD on webly collected images: the teacher alone selects, every epoch, the web images it is
+confident about, and the student distils the teacher on them — the "teacher-only confidence selection"
+baseline of KD3 (spec/methods.md §5; no student vote, no feature alignment, no contrastive term).
+
+At the start of every epoch (``Method.begin_epoch``), over this rank's whole share of the web stream::
+
+    p_i = softmax(T(x_i));  c_i = max_k p_ik;  ŷ_i = argmax_k p_ik              (no augmentation)
+    N_k = #{i : ŷ_i = k}, summed over all ranks;  β_k = N_k / max_k' N_k'
+    τ_k = p_cutoff · β_k / (2 − β_k)                                              (FlexMatch, KD3 §5.2)
+    select i  ⇔  c_i > τ_ŷ_i
+
+then, for as many steps as the smallest rank's selection fills::
+
+    x ~ selected rows (augmented);  L = τ²·KL(softmax(T(x)/τ) ‖ softmax(S(x)/τ))   S ← SGD step
+
+The learning rate drops by ``gamma`` at the given fractions of the epochs (KD3: ×0.1 at 150/180/210 of 240).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from rayoodkd.methods.base import Method, MethodConfig, RunContext, Stage, Streams, kd_loss
+from rayoodkd.methods.registry import METHODS
+
+
+class DFNDConfig(MethodConfig):
+    """Teacher-only selection and KD (defaults: KD3's optimiser and threshold, spec §5.4)."""
+
+    epochs: int = Field(240, ge=1, description="epochs, each starting with a selection over the web stream")
+    p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
+    class_adaptive: bool = Field(True, description="FlexMatch per-class thresholds (false: p_cutoff for all)")
+    scan_batch_size: int = Field(512, ge=1)
+    temperature: float = Field(4.0, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+def class_adaptive_thresholds(counts: Tensor, p_cutoff: float) -> Tensor:
+    """τ_k = p_cutoff · β_k / (2 − β_k) with β_k = N_k / max N (FlexMatch's warped thresholds)."""
+    beta = counts.float() / counts.max().clamp_min(1).float()
+    return p_cutoff * beta / (2 - beta)
+
+
+def confident_rows(probabilities: Tensor, thresholds: Tensor) -> Tensor:
+    """Rows whose top probability exceeds the threshold of their predicted class."""
+    confidence, prediction = probabilities.max(1)
+    return confidence > thresholds[prediction]
+
+
+@METHODS.register("dfnd")
+class DFND(Method):
+    """KD on the web images the teacher is confident about, re-selected every epoch."""
+
+    name = "dfnd"
+    consumes = frozenset({"web"})
+    Config = DFNDConfig
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DFNDConfig, ctx: RunContext) -> None:
+        super().__init__(teacher, student, cfg, ctx)
+        self.optimizer = torch.optim.SGD(
+            student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: cfg.gamma ** sum(epoch >= drop for drop in drops)
+        )
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", epochs=self.cfg.epochs)]
+
+    def players(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"student": self.optimizer}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {"student": self.scheduler}
+
+    @torch.no_grad()
+    def begin_epoch(self, data: Streams, epoch: int) -> tuple[int, dict[str, float]]:
+        cfg: DFNDConfig = self.cfg
+        units, labels, probabilities = [], [], []
+        for batch in data.scan("web", cfg.scan_batch_size):
+            with self.ctx.autocast():
+                probabilities.append(torch.softmax(self.teacher(batch["image"]).float(), 1))
+            units.append(batch["unit"].cpu())
+            labels.append(batch["label"].cpu())
+        probs = torch.cat(probabilities)
+        counts = self.ctx.all_reduce(torch.bincount(probs.argmax(1), minlength=self.ctx.num_classes))
+        thresholds = (
+            class_adaptive_thresholds(counts, cfg.p_cutoff)
+            if cfg.class_adaptive
+            else torch.full((self.ctx.num_classes,), cfg.p_cutoff, device=probs.device)
+        )
+        keep = confident_rows(probs, thresholds).cpu()
+        steps = data.use_selection("web", torch.cat(units)[keep], torch.cat(labels)[keep], epoch)
+        if epoch > 0:
+            self.scheduler.step()
+        selected, scanned = self.ctx.all_reduce(torch.tensor([keep.sum(), len(keep)], device=probs.device))
+        return steps, {
+            "select/size": float(selected),
+            "select/scanned": float(scanned),
+            "select/fraction": float(selected) / max(float(scanned), 1.0),
+            "select/threshold_min": float(thresholds.min()),
+            "select/steps": float(steps),
+        }
+
+    def train_step(self, data: Streams) -> dict[str, float]:
+        images = data.next("web")["image"]
+        self.student.train()
+        with torch.no_grad(), self.ctx.autocast():
+            teacher_logits = self.teacher(images).float()
+        with self.ctx.autocast():
+            student_logits = self.student(images).float()
+        loss = kd_loss(student_logits, teacher_logits, self.cfg.temperature)
+        self.ctx.step(loss, self.optimizer, "student")
+        return {
+            "loss/kd": loss.item(),
+            "train/agreement": (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item(),
+            "lr/student": self.optimizer.param_groups[0]["lr"],
+            "images": float(len(images)),
+        }
