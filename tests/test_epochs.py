@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ray_run_config, small_context
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import DataConfig, build_section, resolve_config
@@ -16,7 +17,6 @@ from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import DeviceStreams, tensor_source
 from rayoodkd.launch import launch
-from rayoodkd.methods.base import RunContext
 from rayoodkd.methods.dfnd import class_adaptive_thresholds, confident_rows
 
 DFND = [
@@ -34,28 +34,12 @@ DFND = [
 ]
 
 
-def _context() -> RunContext:
-    return RunContext(
-        device=torch.device("cpu"),
-        rank=0,
-        world_size=1,
-        generator=torch.Generator().manual_seed(0),
-        num_classes=10,
-        image_size=8,
-        channels=1,
-        mean=(0.5,),
-        std=(0.25,),
-        max_steps=1,
-        batch_size=4,
-    )
-
-
 def test_a_scan_visits_every_row_once_with_stable_ids_and_a_selection_sets_the_epoch() -> None:
     images = torch.randint(0, 256, (30, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 255
     data = build_section(DataConfig, {})
     streams = DeviceStreams(
         {"web": tensor_source(images, torch.arange(30), batch_size=4, seed=0)},
-        _context(),
+        small_context(batch_size=4),
         {"web": data.transform("web")},
     )
     first = [batch for batch in streams.scan("web", batch_size=7)]
@@ -128,17 +112,7 @@ def test_epochs_of_a_selection_run_and_resume_inside_an_epoch_exactly(
 def test_two_ranks_with_different_selections_end_every_epoch_together(
     tmp_path: Path, tiny_teacher: Path, ray_local
 ) -> None:
-    cfg = resolve_config(
-        "demo",
-        [
-            f"teacher.checkpoint={tiny_teacher}",
-            f"storage_path={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "run_name=dfnd",
-            "num_workers=2",
-            *DFND,
-        ],
-    )
+    cfg = ray_run_config(tmp_path, tiny_teacher, "run_name=dfnd", "num_workers=2", *DFND)
     summary = launch(cfg)
     state = load_state(summary.checkpoint)
     sizes = [len(rank["streams"]["selections"]["web"]["images"]) for rank in state["ranks"]]

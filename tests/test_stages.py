@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ray_run_config
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
@@ -145,12 +146,10 @@ def test_the_selected_snapshot_of_stage_one_is_what_stage_two_starts_from(
 def test_two_workers_resume_in_stage_two_and_log_per_stage_metrics(
     tmp_path: Path, bn_teacher: Path, ray_local
 ) -> None:
-    cfg = resolve_config(
-        "demo",
-        [
-            f"teacher.checkpoint={bn_teacher}",
-            f"storage_path={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
+    cfg = ray_run_config(
+        tmp_path,
+        bn_teacher,
+        *[
             f"summary_json={tmp_path / 'summary.json'}",
             "run_name=staged",
             "num_workers=2",
@@ -181,12 +180,10 @@ def test_epochs_of_a_sharded_stream_have_the_length_every_rank_computes(
 ) -> None:
     """200 labelled rows on 2 workers, batches of 16: 6 steps per epoch on each rank; 8 fine-tuning steps
     end 2 batches into the second epoch of both ranks' shards (Ray Data's equal split)."""
-    cfg = resolve_config(
-        "demo",
-        [
-            f"teacher.checkpoint={bn_teacher}",
-            f"storage_path={tmp_path / 'runs'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
+    cfg = ray_run_config(
+        tmp_path,
+        bn_teacher,
+        *[
             "run_name=epochs",
             "num_workers=2",
             *STAGED,

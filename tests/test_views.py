@@ -10,27 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import small_context
 
 from rayoodkd.augment import augment_batch
 from rayoodkd.config import ConfigError, DataConfig, StreamTransform, build_section, resolve_config
 from rayoodkd.engine.streams import DeviceStreams, tensor_source
-from rayoodkd.methods.base import RunContext
 from rayoodkd.train import main
-
-
-def _context(world_size: int = 1, rank: int = 0) -> RunContext:
-    return RunContext(
-        device=torch.device("cpu"),
-        rank=rank,
-        world_size=world_size,
-        generator=torch.Generator().manual_seed(0),
-        num_classes=10,
-        image_size=8,
-        channels=1,
-        mean=(0.5,),
-        std=(0.25,),
-        max_steps=1,
-    )
 
 
 def test_each_stream_has_its_own_augmentation_and_normaliser_and_a_unit_view() -> None:
@@ -41,7 +26,7 @@ def test_each_stream_has_its_own_augmentation_and_normaliser_and_a_unit_view() -
         {"augment": "none", "transforms": {"web": {"augment": "crop_flip", "normalizer": [[0.1], [0.2]]}}},
     )
     sources = {name: tensor_source(images, labels, batch_size=16, seed=0) for name in ("ood", "web")}
-    streams = DeviceStreams(sources, _context(), {name: data.transform(name) for name in sources})
+    streams = DeviceStreams(sources, small_context(), {name: data.transform(name) for name in sources})
     ood, web = streams.next("ood"), streams.next("web")
     assert torch.equal(ood["unit"].sort(0).values, images.sort(0).values)  # no augmentation, a reshuffle
     torch.testing.assert_close(ood["image"], (ood["unit"] - 0.5) / 0.25)
@@ -71,7 +56,7 @@ def test_resized_crop_flip_is_random_per_image_reproducible_and_keeps_the_range(
 
 def _collectives(rank: int, init_file: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    ctx = _context(world_size=2, rank=rank)
+    ctx = small_context(world_size=2, rank=rank)
     counts = torch.tensor([rank + 1.0, 10.0 * rank])
     results[rank] = (ctx.all_reduce(counts).tolist(), ctx.all_gather(counts).tolist())
     dist.destroy_process_group()
@@ -86,7 +71,7 @@ def test_run_context_collectives_sum_and_gather_over_two_ranks() -> None:
             summed, gathered = results[rank]
             assert summed == [3.0, 10.0]
             assert gathered == [[1.0, 0.0], [2.0, 10.0]]
-    assert _context().all_gather(torch.ones(2)).shape == (1, 2)
+    assert small_context().all_gather(torch.ones(2)).shape == (1, 2)
 
 
 def test_a_run_without_val_or_test_sets_says_so(
