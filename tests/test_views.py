@@ -116,3 +116,17 @@ def test_evaluation_reports_the_configured_top_k() -> None:
     result = evaluate(Ranked(), images, torch.arange(10), topk=(2, 3))
     assert result == {"top1": 0.0, "top2": 0.0, "top3": 100.0}
     assert resolve_config("demo", ["eval.topk=[5, 3]"]).eval.topk == (1, 3, 5)
+
+
+def test_player_options_add_sync_batchnorm_only_where_it_helps() -> None:
+    from rayoodkd.methods.base import PlayerOptions
+    from rayoodkd.models import build_classifier
+
+    model = build_classifier("cnn_small", num_classes=10, in_channels=1, image_size=28)
+    weights = {id(p) for p in model.parameters()}
+    synced = PlayerOptions(sync_batchnorm=True).prepare(model, world_size=2, device=torch.device("cuda"))
+    kinds = {type(m).__name__ for m in synced.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    assert {id(p) for p in synced.parameters()} == weights  # optimizers built on them keep working
+    cpu = PlayerOptions(sync_batchnorm=True).prepare(model, world_size=2, device=torch.device("cpu"))
+    assert cpu is model and PlayerOptions().prepare(model, 2, torch.device("cuda")) is model

@@ -31,7 +31,7 @@ from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
 from rayoodkd.engine.tracking import Tracker
-from rayoodkd.methods import METHODS, Method, RunContext, Stage, unwrap
+from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
 from rayoodkd.storage import read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, load_teacher
@@ -193,9 +193,6 @@ class Worker:
             self.evaluated_through = self.tracker.last_logged_step("val/top1")
             if point.skipped:
                 self.tracker.set_tags({"resume.skipped_checkpoints": "; ".join(d for d, _ in point.skipped)})
-
-    def method_needs_unused_params(self) -> bool:
-        return bool(getattr(self.method, "find_unused_parameters", False))
 
     def _eval_set(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.session.eval_set(name)
@@ -366,10 +363,11 @@ class Worker:
             self.stage_epoch,
         )
         trained = set(self.method.players() if stage.trains is None else stage.trains)
+        options = self.method.player_options()
         for name, player in self.method.players().items():
             module = unwrap(player)
             if name in trained:
-                module = self.session.distribute(module, self.method_needs_unused_params())
+                module = self.session.distribute(module, options.get(name, PlayerOptions()))
             setattr(self.method, name, module)
 
     def _leave(self) -> None:

@@ -32,6 +32,7 @@ from rayoodkd.engine.checkpoint import (
     newest_intact,
 )
 from rayoodkd.engine.streams import BatchSource, ray_shard_source, tensor_source
+from rayoodkd.methods.base import PlayerOptions
 from rayoodkd.storage import filesystem, is_remote
 
 
@@ -48,7 +49,7 @@ class Session(Protocol):
 
     def eval_set(self, name: str) -> tuple[Tensor, Tensor]: ...
 
-    def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module: ...
+    def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module: ...
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
 
@@ -99,10 +100,11 @@ class RaySession:
 
         return _collect(ray.train.get_dataset_shard(name))
 
-    def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+    def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         import ray.train.torch
 
-        kwargs = {"find_unused_parameters": True} if find_unused_parameters else None
+        kwargs = {"find_unused_parameters": True} if options.find_unused_parameters else None
+        module = options.prepare(module, self.world_size, self.device)
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=kwargs)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
@@ -148,7 +150,7 @@ class DriverSession:
     def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
         return _collect(self.datasets[name].iterator())
 
-    def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+    def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         return module.to(self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
@@ -238,7 +240,7 @@ class LocalSession:
     def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
         return self.eval_sets[name]
 
-    def distribute(self, module: nn.Module, find_unused_parameters: bool) -> nn.Module:
+    def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         return module.to(self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:

@@ -3,11 +3,30 @@
 import importlib
 import pkgutil
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Stage, Streams, kd_loss, unwrap
+from rayoodkd.methods.base import (
+    Method,
+    MethodConfig,
+    PlayerOptions,
+    RunContext,
+    Stage,
+    Streams,
+    kd_loss,
+    unwrap,
+)
 from rayoodkd.methods.registry import METHODS
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "MethodConfig", "RunContext", "Stage", "Streams", "kd_loss", "unwrap"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "PlayerOptions",
+    "RunContext",
+    "Stage",
+    "Streams",
+    "kd_loss",
+    "unwrap",
+]

@@ -82,6 +82,21 @@ class Stage:
         return score > best if self.mode == "max" else score < best
 
 
+@dataclass(frozen=True)
+class PlayerOptions:
+    """How the engine wraps one player in DDP while a stage trains it (frozen players are never wrapped)."""
+
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False
+
+    def prepare(self, module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+        """``module`` with SyncBatchNorm when asked for and useful (several CUDA ranks); its parameters are
+        the same objects, so optimizers built on them keep working."""
+        if self.sync_batchnorm and world_size > 1 and device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return module
+
+
 @dataclass
 class RunContext:
     """What the engine tells a method about where it runs."""
@@ -187,6 +202,10 @@ class Method(ABC):
     @abstractmethod
     def players(self) -> dict[str, nn.Module]:
         """Trainable players by attribute name; the engine may replace those attributes with DDP wrappers."""
+
+    def player_options(self) -> dict[str, PlayerOptions]:
+        """DDP options per player name (default for any player not named: :class:`PlayerOptions`)."""
+        return {}
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
