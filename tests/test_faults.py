@@ -7,6 +7,7 @@ logging a step twice; ``num_workers=0`` runs end to end; per-rank method state r
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -321,3 +322,33 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
         "worker 1: MemoryError: Task was killed due to the node running low on memory."
     )
     assert failure_reason(SystemExit(0)) == "interrupted (Ctrl-C)"
+
+
+@pytest.mark.ray
+def test_ctrl_c_ends_the_run_killed_with_one_line_and_a_relaunch_resumes(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    storage = tmp_path / "runs"
+    argv = [sys.executable, "-m", "rayoodkd.train", *_overrides(tmp_path, tiny_teacher, "num_workers=1")]
+    argv += ["run_name=ctrlc", "max_steps=100000", "eval.every=10"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 240
+    while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
+        time.sleep(1)
+    os.kill(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    ours = [
+        line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+", line)
+    ]  # not Ray actors' logs
+    assert ours[-1].startswith("interrupted: the run keeps its last checkpoint")
+    assert not any("Traceback" in line for line in ours)
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
+    assert (storage / "ctrlc" / "rayoodkd_run.json").exists()  # a checkpoint exists: the run is resumable
