@@ -325,7 +325,7 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
 
 
 @pytest.mark.ray
-def test_ctrl_c_ends_the_run_killed_with_one_line_and_a_relaunch_resumes(
+def test_ctrl_c_ends_the_run_killed_with_one_line_and_keeps_it_resumable(
     tmp_path: Path, tiny_teacher: Path
 ) -> None:
     import os
