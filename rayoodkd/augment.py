@@ -67,8 +67,10 @@ def _resized_crop(images: Tensor, generator: torch.Generator) -> Tensor:
     x0 = torch.floor(_uniform(n, generator) * (width - w + 1))
     y0 = torch.floor(_uniform(n, generator) * (height - h + 1))
     boxes = torch.stack([rows.float(), x0, y0, x0 + w, y0 + h], 1).to(images.device, images.dtype)
+    # One bilinear sample per output pixel, at its centre, as torchvision's crop-then-resize: a full box is
+    # the identity.
     return roi_align(
-        images, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=2, aligned=True
+        images, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True
     )
 
 

@@ -142,6 +142,12 @@ def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
     from rayoodkd.teacher_io import load_teacher
 
     teacher, info = load_teacher(teacher_path)
+    for stream, transform in cfg.data.transforms.items():
+        if transform.normalizer is not None and len(transform.normalizer[0]) != info.channels:
+            raise ConfigError(
+                f"data.transforms.{stream}.normalizer: needs {info.channels} value(s) per channel list "
+                f"(the teacher takes {info.channels}-channel images)"
+            )
     for reserved in RESERVED_STUDENT_KWARGS:
         if reserved in cfg.student.kwargs:
             raise ConfigError(

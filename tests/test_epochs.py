@@ -42,11 +42,11 @@ def test_a_scan_visits_every_row_once_with_stable_ids_and_a_selection_sets_the_e
         small_context(batch_size=4),
         {"web": data.transform("web")},
     )
-    first = [batch for batch in streams.scan("web", batch_size=7)]
+    first = list(streams.scan("web", batch_size=7, row_ids=True))
     ids = torch.cat([batch["row_id"] for batch in first])
     assert len(ids) == 30 == len(set(ids.tolist()))
     assert torch.equal(torch.cat([b["label"] for b in first]), torch.arange(30))
-    assert torch.equal(torch.cat([b["row_id"] for b in streams.scan("web", batch_size=30)]), ids)
+    assert torch.equal(torch.cat([b["row_id"] for b in streams.scan("web", 30, row_ids=True)]), ids)
 
     unit = torch.cat([batch["unit"] for batch in first])
     steps = streams.use_selection("web", unit[:10], torch.arange(10), epoch=0)

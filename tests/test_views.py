@@ -130,3 +130,12 @@ def test_player_options_add_sync_batchnorm_only_where_it_helps() -> None:
     assert {id(p) for p in synced.parameters()} == weights  # optimizers built on them keep working
     cpu = PlayerOptions(sync_batchnorm=True).prepare(model, world_size=2, device=torch.device("cpu"))
     assert cpu is model and PlayerOptions().prepare(model, 2, torch.device("cuda")) is model
+
+
+def test_a_full_image_resized_crop_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rayoodkd.augment as augment
+
+    monkeypatch.setattr(augment, "RESIZED_CROP_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(augment, "RESIZED_CROP_RATIO", (1.0, 1.0))
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(augment._resized_crop(images, torch.Generator().manual_seed(0)), images)

@@ -38,6 +38,7 @@ from rayoodkd.teacher_io import TeacherInfo, load_teacher
 
 THROUGHPUT_KEY = "throughput/images_per_second"
 FAULT_MARKER = "debug_fault_fired.json"
+BOOKKEEPING = frozenset({THROUGHPUT_KEY, "data/corrupt_skipped"})  # never under a stage's name
 
 
 class InjectedFailure(RuntimeError):
@@ -221,11 +222,13 @@ class Worker:
         self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
         self.best_student = state["best_student"]
         self.train_seconds, self.images_seen = float(state["train_seconds"]), float(state["images_seen"])
+        self.epoch_metrics = dict(state.get("epoch_metrics", {}))
         if len(ranks) == self.world_size:
             set_rng_state(ranks[self.rank]["rng"], self.generator)
             self.streams.load_state_dict(ranks[self.rank]["streams"])
         else:
             self.generator.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + self.step)
+            self.epoch_step = self.epoch_steps = 0  # per-rank selections do not carry over: select afresh
 
     def _payload(self) -> dict[str, Any]:
         own = {
@@ -241,6 +244,7 @@ class Worker:
             "stage_epoch": self.stage_epoch,
             "epoch_step": self.epoch_step,
             "epoch_steps": self.epoch_steps,
+            "epoch_metrics": self.epoch_metrics,
             "stage_best": self.stage_best,
             "players": {name: unwrap(p).state_dict() for name, p in self.method.players().items()},
             "optimizers": {name: o.state_dict() for name, o in self.method.optimizers().items()},
@@ -283,7 +287,7 @@ class Worker:
         if len(self.stages) == 1:
             return metrics
         prefix = self.stages[self.stage_index].name
-        return {f"{prefix}/{key}": value for key, value in metrics.items()}
+        return {key if key in BOOKKEEPING else f"{prefix}/{key}": value for key, value in metrics.items()}
 
     def evaluate_on(self, name: str, model: nn.Module) -> dict[str, float]:
         images, labels = self.val if name == "val" else self.test
@@ -355,6 +359,8 @@ class Worker:
         if index != self.stage_index:
             self.stage_index, self.stage_step, self.stage_best = index, 0, None
             self.stage_epoch = self.epoch_step = self.epoch_steps = 0
+            self.epoch_metrics = {}
+            self.streams.clear_selections()
             self.best_val, self.best_step, self.best_student = -1.0, 0, None
         stage = self.stages[index]
         self.ctx.stage, self.ctx.stage_step, self.ctx.stage_epoch = (

@@ -114,7 +114,7 @@ def ray_shard_source(
 
     def scan(scan_batch_size: int) -> Iterator[dict[str, Tensor]]:
         return shard.iter_torch_batches(
-            batch_size=scan_batch_size, drop_last=False, prefetch_batches=prefetch_batches
+            batch_size=scan_batch_size, drop_last=False, prefetch_batches=prefetch_batches, device="cpu"
         )
 
     return EpochSource(epoch_iterator, scan)
@@ -165,30 +165,39 @@ class DeviceStreams:
         mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in normalizer)
         return (unit - mean) / std
 
-    def scan(self, stream: str, batch_size: int = 512) -> Iterator[dict[str, Tensor]]:
+    def scan(self, stream: str, batch_size: int = 512, row_ids: bool = False) -> Iterator[dict[str, Tensor]]:
         """This rank's whole share of ``stream`` once, in order, not augmented: batches of ``image``
-        (normalised), ``unit``, ``label`` and ``row_id`` (a content hash, stable across runs and ranks).
+        (normalised), ``unit``, ``label`` and, with ``row_ids``, ``row_id`` (a content hash of the image:
+        stable across runs and ranks; identical images share it).
 
         Every rank must scan at the same time (Ray Data hands each epoch's blocks to all ranks together)."""
         for batch in self.sources[stream].scan(batch_size):
             keep = ~batch["corrupt"].bool()
-            unit = batch["image"][keep].to(torch.float32)
-            quantised = (unit * 255).round().to(torch.uint8).flatten(1).numpy()
-            row_id = torch.tensor([_content_id(row.tobytes()) for row in quantised], dtype=torch.int64)
-            unit = unit.to(self.ctx.device, non_blocking=True)
+            unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
             labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
-            yield {"image": self._normalize(stream, unit), "unit": unit, "label": labels, "row_id": row_id}
+            scanned = {"image": self._normalize(stream, unit), "unit": unit, "label": labels}
+            if row_ids:
+                quantised = (unit * 255).round().to(torch.uint8).flatten(1).cpu().numpy()
+                scanned["row_id"] = torch.tensor([_content_id(row.tobytes()) for row in quantised])
+            yield scanned
 
     def use_selection(self, stream: str, unit: Tensor, labels: Tensor, epoch: int) -> int:
-        """Train on these scanned rows of ``stream`` (images in [0, 1]) until the next selection; returns the
-        steps of the epoch, the same on every rank: the smallest rank's selection sets it (the others leave
-        their extra rows out this epoch, a different subset each epoch)."""
-        images = (unit.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        """Train on these scanned rows of ``stream`` (images in [0, 1], or uint8) until the next selection;
+        returns the steps of the epoch, the same on every rank: the smallest rank's selection sets it (the
+        others leave their extra rows out this epoch, a different subset each epoch)."""
+        images = unit.detach().cpu()
+        if images.dtype != torch.uint8:
+            images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         labels = labels.detach().cpu().long()
         self.selections[stream] = {"images": images, "labels": labels, "epoch": epoch}
         self._select(stream)
         local = torch.tensor([len(images) // self.ctx.batch_size], dtype=torch.int64, device=self.ctx.device)
         return int(self.ctx.all_reduce(local, "min").item())
+
+    def clear_selections(self) -> None:
+        """Back to every stream's own rows (a new stage)."""
+        self.selections.clear()
+        self.selected.clear()
 
     def _select(self, stream: str) -> None:
         selection = self.selections[stream]

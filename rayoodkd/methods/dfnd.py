@@ -18,8 +18,6 @@ The learning rate drops by ``gamma`` at the given fractions of the epochs (KD3: 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -68,10 +66,7 @@ class DFND(Method):
         self.optimizer = torch.optim.SGD(
             student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda epoch: cfg.gamma ** sum(epoch >= drop for drop in drops)
-        )
+        self.drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
 
     def stages(self) -> list[Stage]:
         return [Stage("train", epochs=self.cfg.epochs)]
@@ -82,9 +77,6 @@ class DFND(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"student": self.optimizer}
 
-    def schedulers(self) -> dict[str, Any]:
-        return {"student": self.scheduler}
-
     @torch.no_grad()
     def begin_epoch(self, data: Streams, epoch: int) -> tuple[int, dict[str, float]]:
         cfg: DFNDConfig = self.cfg
@@ -92,7 +84,7 @@ class DFND(Method):
         for batch in data.scan("web", cfg.scan_batch_size):
             with self.ctx.autocast():
                 probabilities.append(torch.softmax(self.teacher(batch["image"]).float(), 1))
-            units.append(batch["unit"].cpu())
+            units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
             labels.append(batch["label"].cpu())
         probs = torch.cat(probabilities)
         counts = self.ctx.all_reduce(torch.bincount(probs.argmax(1), minlength=self.ctx.num_classes))
@@ -103,8 +95,8 @@ class DFND(Method):
         )
         keep = confident_rows(probs, thresholds).cpu()
         steps = data.use_selection("web", torch.cat(units)[keep], torch.cat(labels)[keep], epoch)
-        if epoch > 0:
-            self.scheduler.step()
+        for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
+            group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
         selected, scanned = self.ctx.all_reduce(torch.tensor([keep.sum(), len(keep)], device=probs.device))
         return steps, {
             "select/size": float(selected),
