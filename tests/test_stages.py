@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ray_run_config
+from helpers import ray_run_config, small_context
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
@@ -56,22 +56,8 @@ def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> Loc
 
 
 def test_epoch_of_a_stream_follows_its_rows_per_rank_and_batch() -> None:
-    from rayoodkd.methods.base import RunContext
-
-    ctx = RunContext(
-        device=torch.device("cpu"),
-        rank=1,
-        world_size=2,
-        generator=torch.Generator(),
-        num_classes=10,
-        image_size=8,
-        channels=1,
-        mean=(0.5,),
-        std=(0.5,),
-        max_steps=1,
-        batch_size=16,
-        stream_rows={"labelled": 200},
-    )
+    ctx = small_context(world_size=2, rank=1, batch_size=16)
+    ctx.stream_rows = {"labelled": 200}
     assert ctx.steps_per_epoch("labelled") == 6
     epochs = []
     for step in range(1, 14):
