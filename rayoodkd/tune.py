@@ -211,7 +211,13 @@ def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace
             set_dotted(base, config_key.split("."), value)
     if space.trial.gpus_per_worker:
         base["use_gpu"] = True
-    build_config(base)
+    topk = build_config(base).eval.topk
+    wanted = re.fullmatch(r"val/top(\d+)", space.metric)
+    if wanted and int(wanted.group(1)) not in topk:
+        raise ConfigError(
+            f"metric: {space.metric} is not reported; eval.topk is {list(topk)} (add overrides: {{eval.topk: "
+            f"{sorted({*topk, int(wanted.group(1))})}}})"
+        )
     for key, domain in space.search.items():
         for value in _representatives(domain):
             trial = copy.deepcopy(base)

@@ -58,6 +58,7 @@ def test_overrides_go_to_the_space_or_to_every_trial() -> None:
         ("search: {seed: {grid: [1]}}\noverrides: {seed: 2}", "both fixed in overrides and searched: seed"),
         ("search: {seed: {grid: [1]}}\nbogus: 1", "unknown key 'bogus'"),
         ("search: {seed: {grid: [1]}}\nbase: nope", "unknown preset 'nope'"),
+        ("search: {seed: {grid: [1]}}\nmetric: val/top3", "metric: val/top3 is not reported; eval.topk is"),
     ],
 )
 def test_bad_spaces_name_the_key(tmp_path: Path, text: str, message: str) -> None:
