@@ -65,13 +65,6 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def _sum_across_ranks(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1 and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def build_student(cfg: BaseRunConfig, info: TeacherInfo, device: torch.device) -> nn.Module:
     """The configured student, shaped for the teacher's classes, channels and input size."""
     return build_classifier(
@@ -266,11 +259,10 @@ class Worker:
         return state_dict_hash(self.method.deployable_student().state_dict())
 
     def _log(self, pending: dict[str, list[float]]) -> dict[str, float]:
-        images, corrupt = _sum_across_ranks(
-            [sum(pending.pop("images", [0.0])), float(self.streams.corrupt_skipped)],
-            self.device,
-            self.world_size,
-        )
+        local = [sum(pending.pop("images", [0.0])), float(self.streams.corrupt_skipped)]
+        images, corrupt = self.ctx.all_reduce(
+            torch.tensor(local, dtype=torch.float64, device=self.device)
+        ).tolist()
         self.images_seen += images
         metrics = {key: sum(values) / len(values) for key, values in pending.items() if values}
         bookkeeping = {
