@@ -188,6 +188,16 @@ class DebugConfig(Section):
     )
 
 
+class InitFrom(Section):
+    """Start a multi-stage method at a later stage from another run's players (e.g. every trial of a sweep
+    over stage 3 from one shared run of stages 1-2): ``checkpoint`` is that run's directory (or one of its
+    ``step_*`` checkpoints) and must hold the end of the stage before ``stage``; its players are taken as
+    that stage left them (its selected snapshot when it reloads its best). Optimizers start fresh."""
+
+    checkpoint: str = Field(min_length=1)
+    stage: str = Field(min_length=1, description="the stage this run starts at")
+
+
 class BaseRunConfig(Section):
     """The keys every run has; per-method sections are added by :func:`run_config_model`."""
 
@@ -214,6 +224,10 @@ class BaseRunConfig(Section):
     eval: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
     debug: DebugConfig = DebugConfig()
+    init_from: InitFrom | None = None
+    stop_after: str | None = Field(
+        None, description="end the run after this stage (e.g. the shared stages of a sweep; null: the last)"
+    )
 
     @field_validator("method")
     @classmethod

@@ -22,6 +22,7 @@ import torch
 from rayoodkd.config import BaseRunConfig, ConfigError
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.errors import first_line
+from rayoodkd.methods.base import Stage
 from rayoodkd.storage import filesystem
 
 TRACKING_TIMEOUT_S = 5.0
@@ -162,10 +163,36 @@ def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
         raise ConfigError(f"student.kwargs: {first_line(error)}") from None
     try:
         generator = torch.Generator().manual_seed(cfg.seed)
-        build_method(cfg, teacher, student, run_context(cfg, info, torch.device("cpu"), generator))
+        method = build_method(cfg, teacher, student, run_context(cfg, info, torch.device("cpu"), generator))
     except (ValueError, TypeError, RuntimeError) as error:
         message = first_line(error)
         raise ConfigError(message if message.startswith(cfg.method) else f"{cfg.method}: {message}") from None
+    check_stages(cfg, method.stages(), info.content_hash)
+
+
+def check_stages(cfg: BaseRunConfig, stages: list[Stage], teacher_hash: str) -> None:
+    """``stop_after`` names a stage; ``init_from`` holds the end of the stage before its start stage, trained
+    with this teacher, and starts before ``stop_after``."""
+    from rayoodkd.engine.checkpoint import stage_start
+
+    names = [stage.name for stage in stages]
+    if cfg.stop_after is not None and cfg.stop_after not in names:
+        raise ConfigError(
+            f"stop_after: {cfg.method!r} has no stage {cfg.stop_after!r}; allowed: {', '.join(names)}"
+        )
+    if cfg.init_from is None:
+        return
+    directory, _, trained_with = stage_start(
+        cfg.init_from.checkpoint, stages, cfg.init_from.stage, cfg.method
+    )
+    if trained_with != teacher_hash:
+        raise ConfigError(
+            f"init_from.checkpoint: {directory} was trained with another teacher than this run's"
+        )
+    if cfg.stop_after is not None and names.index(cfg.stop_after) < names.index(cfg.init_from.stage):
+        raise ConfigError(
+            f"stop_after: {cfg.stop_after!r} comes before init_from.stage {cfg.init_from.stage!r}"
+        )
 
 
 def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:

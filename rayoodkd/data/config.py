@@ -61,6 +61,14 @@ class CorpusConfig(BaseModel):
     a builtin set (its "all" part; a generated set renders ``num_images`` first), and for cifar/idx the
     archive part ``archive_split`` (default "train"; allowed only under a hash split). ``num_images`` then
     caps the chosen part. Without ``split_fractions`` every key keeps the meaning above.
+
+    Per-class cap, for any labelled source (a small labelled training set, e.g. 10 images per class): with
+    ``per_class=k`` each class keeps its k images of smallest blake2b content hash keyed by
+    ``per_class_seed`` (the hash of the split above; all of a class's images when it has at most k). The
+    choice is the same on every run and machine, independent of row order, and nested: the images kept at
+    k are among those kept at any larger k with the same seed. Rows with an unknown label (< 0) are dropped.
+    The cap applies after the hash split and before ``num_images``; the kept rows come in the order of their
+    hash, so classes interleave.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -75,6 +83,8 @@ class CorpusConfig(BaseModel):
     split_fractions: SplitFractions | None = None
     split_seed: int = Field(default=0, ge=0, lt=2**64)
     archive_split: Literal["train", "test"] | None = None
+    per_class: int | None = Field(default=None, gt=0)
+    per_class_seed: int = Field(default=0, ge=0, lt=2**64)
 
     @property
     def is_builtin(self) -> bool:
@@ -105,6 +115,8 @@ class CorpusConfig(BaseModel):
             raise ValueError(
                 f"source: unknown builtin set {self.source!r}; allowed: {', '.join(BUILTIN_SOURCES)}"
             )
+        if self.per_class is not None and not self.labelled:
+            raise ValueError("per_class: needs a labelled corpus (labelled is false)")
         fmt = "builtin" if self.is_builtin else self.format
         if self.split_fractions is None:
             if self.archive_split is not None:

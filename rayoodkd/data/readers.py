@@ -13,7 +13,7 @@ import re
 import struct
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,7 +26,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from rayoodkd.data.builtin import GENERATED_SOURCES, LETTERS, materialize_builtin
 from rayoodkd.data.config import SPLIT_PARTS, CorpusConfig, check_archive_split, check_split
-from rayoodkd.data.decode import decode_batch
+from rayoodkd.data.decode import _labels, decode_batch
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm")
 DECODE_BATCH_SIZE = 256
@@ -37,6 +37,7 @@ _CIFAR10_TRAIN = re.compile(r"data_batch_(\d+)$")
 _CIFAR_DIRS = ("cifar-10-batches-py", "cifar-100-python")
 _ARCHIVES = (".tar.gz", ".tgz", ".tar")
 _BLOCK_ROWS = 4096
+_CLASS_KEY = "__class_key"
 
 
 # ------------------------------------------------------------------------------------------ source resolving
@@ -118,18 +119,23 @@ def class_names_of(cfg: CorpusConfig) -> list[str] | None:
 # ------------------------------------------------------------------------------------------------ hash split
 
 
-def split_parts_of(contents: Iterable[object], fractions: Sequence[float], seed: int) -> np.ndarray:
-    """The hash-split part (0 train, 1 val, 2 test) of each row content: bytes, an array of pixels or None.
-
-    A row's blake2b hash keyed by ``seed`` becomes a uniform number in [0, 1) (its top 53 bits, so exactly
-    representable and below 1) that is cut at the cumulative fractions, normalised to end at exactly 1 so a
-    zero fraction gets no rows.
-    """
+def content_digests(contents: Iterable[object], seed: int) -> np.ndarray:
+    """The 64-bit blake2b hash (uint64) keyed by ``seed`` of each row content: bytes, pixels or None."""
     key = seed.to_bytes(8, "little")
     digests = b"".join(
         hashlib.blake2b(_content_bytes(content), digest_size=8, key=key).digest() for content in contents
     )
-    uniform = (np.frombuffer(digests, dtype="<u8") >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.frombuffer(digests, dtype="<u8")
+
+
+def split_parts_of(contents: Iterable[object], fractions: Sequence[float], seed: int) -> np.ndarray:
+    """The hash-split part (0 train, 1 val, 2 test) of each row content: bytes, an array of pixels or None.
+
+    A row's ``content_digests`` hash becomes a uniform number in [0, 1) (its top 53 bits, so exactly
+    representable and below 1) that is cut at the cumulative fractions, normalised to end at exactly 1 so a
+    zero fraction gets no rows.
+    """
+    uniform = (content_digests(contents, seed) >> np.uint64(11)).astype(np.float64) * 2.0**-53
     train, val, test = fractions
     total = train + val + test
     bounds = np.array([train / total, (train + val) / total])
@@ -144,12 +150,42 @@ def _content_bytes(content: object) -> bytes | memoryview:
     return memoryview(np.ascontiguousarray(content))
 
 
+def _image_contents(batch: pa.Table) -> Iterator[object]:
+    """The content of each row's ``image`` cell in a raw (undecoded) pyarrow batch."""
+    for chunk in batch.column("image").chunks:
+        yield from chunk.to_numpy(zero_copy_only=False)
+
+
 def _keep_split_part(batch: pa.Table, fractions: Sequence[float], seed: int, part: int) -> pa.Table:
     """The rows of ``batch`` whose ``image`` content hashes into ``part`` (a ``map_batches`` step)."""
-    contents = (
-        item for chunk in batch.column("image").chunks for item in chunk.to_numpy(zero_copy_only=False)
+    return batch.filter(pa.array(split_parts_of(_image_contents(batch), fractions, seed) == part))
+
+
+# -------------------------------------------------------------------------------------------- per-class cap
+
+
+def _with_class_key(batch: pa.Table, seed: int) -> pa.Table:
+    """``batch`` less rows of unknown label, with int64 labels and each content hash in ``_CLASS_KEY``."""
+    labels = _labels(batch.column("label").to_numpy(), batch.num_rows)
+    keyed = batch.set_column(batch.schema.get_field_index("label"), "label", pa.array(labels))
+    keyed = keyed.append_column(_CLASS_KEY, pa.array(content_digests(_image_contents(batch), seed)))
+    return keyed.filter(pa.array(labels >= 0))
+
+
+def _smallest_keys(group: pa.Table, k: int) -> pa.Table:
+    """The ``k`` rows of one class with the smallest ``_CLASS_KEY`` (a ``map_groups`` step)."""
+    return group.sort_by(_CLASS_KEY).slice(0, k)
+
+
+def _cap_per_class(ds: ray.data.Dataset, k: int, seed: int) -> ray.data.Dataset:
+    """At most ``k`` rows of each label >= 0 (see ``CorpusConfig.per_class``), sorted by content hash."""
+    return (
+        ds.map_batches(_with_class_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+        .groupby("label")
+        .map_groups(_smallest_keys, fn_kwargs={"k": k}, batch_format="pyarrow")
+        .sort([_CLASS_KEY, "label"])
+        .drop_columns([_CLASS_KEY])
     )
-    return batch.filter(pa.array(split_parts_of(contents, fractions, seed) == part))
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -163,8 +199,9 @@ def load_corpus(
 
     Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of
     generated sets) and then read like any parquet corpus. CIFAR, IDX and numpy sources are read into the
-    driver's memory, the others are read lazily by Ray Data. With ``cfg.split_fractions`` the rows are hash
-    split before decoding (see ``CorpusConfig``), and ``num_images`` caps the chosen part.
+    driver's memory, the others are read lazily by Ray Data. Before decoding, the rows are hash split
+    (``cfg.split_fractions``), then capped per class (``cfg.per_class``; see ``CorpusConfig``), and
+    ``num_images`` caps what is left.
     """
     if image_size <= 0:
         raise ValueError(f"image_size: must be positive, got {image_size}")
@@ -172,9 +209,11 @@ def load_corpus(
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
     fmt = resolve_format(cfg)
     rendered = fmt == "builtin" and cfg.source in GENERATED_SOURCES
-    # Without a hash split the limit is cheapest at the source (a smaller builtin cache, fewer arrays sent
-    # from the driver); with one it must wait until after the split. A generated set renders num_images.
-    source_limit = cfg.num_images if rendered or cfg.split_fractions is None else None
+    # Without a hash split or per-class cap the limit is cheapest at the source (a smaller builtin cache,
+    # fewer arrays sent from the driver); with one it must wait until after it. A generated set renders
+    # num_images.
+    selects = cfg.split_fractions is not None or cfg.per_class is not None
+    source_limit = cfg.num_images if rendered or not selects else None
     limit = None if rendered else cfg.num_images
     if fmt == "builtin":
         out = materialize_builtin(cfg.source, cfg.source_split, source_limit, seed, cache_dir)
@@ -191,6 +230,9 @@ def load_corpus(
             raise ValueError(f"source: {cfg.source} holds no images")
         kept_labels = labels[:source_limit] if labels is not None and cfg.labelled else None
         ds = _from_arrays(images[:source_limit], kept_labels)
+    # Parquet and array sources may lack labels (known from their schema without reading); folders never do.
+    if cfg.per_class is not None and fmt != "image_folder" and "label" not in ds.columns():
+        raise ValueError(f"per_class: {cfg.source} has no labels")
     if cfg.split_fractions is not None:
         ds = ds.map_batches(
             _keep_split_part,
@@ -201,6 +243,8 @@ def load_corpus(
             },
             batch_format="pyarrow",
         )
+    if cfg.per_class is not None:
+        ds = _cap_per_class(ds, cfg.per_class, cfg.per_class_seed)
     if limit is not None:
         ds = ds.limit(limit)
     return ds.map_batches(

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from rayoodkd.config import ConfigError
+from rayoodkd.methods.base import Stage
 from rayoodkd.storage import filesystem
 
 STATE_FILE = "state.pt"
@@ -173,3 +175,41 @@ def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def stage_start(
+    source: str, stages: list[Stage], start: str, method: str
+) -> tuple[str, dict[str, dict[str, torch.Tensor]], str]:
+    """``init_from``: the checkpoint under ``source`` (a run directory, newest first, or one ``step_*``
+    checkpoint) that ends the stage before ``start``, the players as that stage left them (its selected
+    snapshot when it reloads its best), and the hash of the teacher it was trained with.
+
+    Raises :class:`~rayoodkd.config.ConfigError` naming ``init_from`` when there is no such checkpoint.
+    """
+    names = [stage.name for stage in stages]
+    if start not in names[1:]:
+        raise ConfigError(
+            f"init_from.stage: {start!r} is not a later stage of {method!r}; allowed: {', '.join(names[1:])}"
+            if len(names) > 1
+            else f"init_from: method {method!r} has one stage; nothing to start from"
+        )
+    index = names.index(start)
+    previous = stages[index - 1]
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    candidates = [source] if CHECKPOINT_DIR.match(name) else [d for _, d in checkpoint_dirs(source)]
+    for directory in candidates:
+        try:
+            state = load_state(directory)
+        except (CorruptCheckpoint, FileNotFoundError):
+            continue
+        trained_with = state["config"]["method"]
+        if trained_with != method:
+            raise ConfigError(f"init_from.checkpoint: {directory} is a {trained_with!r} run, not {method!r}")
+        if state.get("stage", 0) == index - 1 and previous.done(state["stage_step"], state["stage_epoch"]):
+            best = state.get("stage_best")
+            players = best["players"] if previous.reload_best and best else state["players"]
+            return directory, players, state["teacher_hash"]
+    raise ConfigError(
+        f"init_from.checkpoint: no intact checkpoint at the end of stage {previous.name!r} under {source} "
+        f"(run the stages before {start!r} with stop_after={previous.name})"
+    )

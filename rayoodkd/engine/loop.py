@@ -25,6 +25,7 @@ from rayoodkd.engine.checkpoint import (
     rng_state,
     save_state,
     set_rng_state,
+    stage_start,
     state_dict_hash,
 )
 from rayoodkd.engine.evaluation import evaluate
@@ -171,6 +172,8 @@ class Worker:
                 print(f"resume: resuming from {directory}", flush=True)
         if state is not None:
             self._restore(state)
+        elif self.cfg.init_from is not None:
+            self._start_from(self.cfg.init_from.checkpoint, self.cfg.init_from.stage)
         self.initial_student_hash = self._student_hash() if state is None else state["initial_student_hash"]
         self.val = self._eval_set("val")
         self.test = self._eval_set("test")
@@ -222,6 +225,16 @@ class Worker:
         else:
             self.generator.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + self.step)
             self.epoch_step = self.epoch_steps = 0  # per-rank selections do not carry over: select afresh
+
+    def _start_from(self, source: str, stage: str) -> None:
+        """``init_from``: begin at ``stage`` with the players another run had at the end of the stage
+        before it."""
+        directory, players, _ = stage_start(source, self.stages, stage, self.cfg.method)
+        for name, player in self.method.players().items():
+            player.load_state_dict(players[name])
+        self.stage_index = [s.name for s in self.stages].index(stage)
+        if self.rank == 0:
+            print(f"init_from: starting at stage {stage!r} from {directory}", flush=True)
 
     def _payload(self) -> dict[str, Any]:
         own = {
@@ -298,6 +311,7 @@ class Worker:
     def _report(self, metrics: dict[str, float], final: bool) -> None:
         student = self.method.deployable_student()
         val = self.evaluate_on("val", student)
+        val.update(_broadcast(self.method.validate(*self.val), self.world_size))
         if val["top1"] > self.best_val:
             self.best_val, self.best_step = val["top1"], self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
@@ -404,9 +418,7 @@ class Worker:
         return True
 
     def _stage_done(self, stage: Stage) -> bool:
-        if stage.epochs is None:
-            return self.stage_step >= stage.steps
-        return self.stage_epoch >= stage.epochs
+        return stage.done(self.stage_step, self.stage_epoch)
 
     def _begin_epoch(self, stage: Stage, pending: dict[str, list[float]]) -> None:
         """Ask the method for the epoch's selection (and how many steps it fills on every rank)."""
@@ -425,7 +437,9 @@ class Worker:
         pending: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
         trained = False
-        for index in range(self.stage_index, len(self.stages)):
+        names = [stage.name for stage in self.stages]
+        last = names.index(cfg.stop_after) if cfg.stop_after else len(self.stages) - 1
+        for index in range(self.stage_index, last + 1):
             self._enter(index)
             stage = self.stages[index]
             while not self._stage_done(stage):
@@ -448,7 +462,7 @@ class Worker:
                 if self.step % cfg.log_every == 0 or self.step % cfg.eval.every == 0 or stage_end:
                     metrics = self._log(pending)
                 if self.step % cfg.eval.every == 0 or stage_end:
-                    self._report(metrics, final=stage_end and index == len(self.stages) - 1)
+                    self._report(metrics, final=stage_end and index == last)
             self._leave()
         if not trained:  # relaunched after the end: report the final figures again
             self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)

@@ -75,6 +75,10 @@ class Stage:
         if (self.epochs is None) == (self.steps <= 0):
             raise ValueError(f"stage {self.name!r}: give its budget as steps > 0 or as epochs, not both")
 
+    def done(self, stage_step: int, stage_epoch: int) -> bool:
+        """Whether the stage's budget is spent after ``stage_step`` steps in ``stage_epoch`` full epochs."""
+        return stage_step >= self.steps if self.epochs is None else stage_epoch >= self.epochs
+
     def better(self, score: float, best: float | None) -> bool:
         """Whether ``score`` improves on ``best`` in this stage's ``mode``."""
         if best is None:
@@ -124,6 +128,12 @@ class RunContext:
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """The teacher's input space -> images in [0, 1] (the inverse of :meth:`normalize`)."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return images * std + mean
 
     def autocast(self) -> AbstractContextManager[Any]:
         """Mixed precision for forward passes when ``amp=true`` (bf16 on CPU, fp16 on CUDA)."""
@@ -228,6 +238,14 @@ class Method(ABC):
     @abstractmethod
     def train_step(self, data: Streams) -> dict[str, float]:
         """One outer iteration -> scalar metrics; ``images`` counts the images the student learnt from."""
+
+    def validate(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+        """Method-specific figures on the whole ``data.val`` split (normalised like the teacher's input),
+        logged as ``val/<name>`` at every evaluation and selectable by a stage (AuG-KD selects its generator
+        and its AnchorNet on them). Every rank calls it with the same data and rank 0's figures are used, so
+        it must run the same forwards on every rank, on unwrapped players (:func:`unwrap`), with its own
+        fixed-seed noise. Default: none."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         """Method state beyond players/optimizers/schedulers (pools, selection indices...)."""

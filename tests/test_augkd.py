@@ -1,0 +1,279 @@
+"""AuG-KD (spec/methods.md §3): its networks, its stage-3 schedule and KD target, its three stages run by the
+engine (a kill in stage 2 resumes there exactly), and ``init_from``/``stop_after``, which let a sweep over
+stage 3 start every trial from one shared run of stages 1-2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import small_context
+from torch import Tensor, nn
+
+from rayoodkd.config import ConfigError, resolve_config
+from rayoodkd.engine.checkpoint import load_state
+from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.session import LocalSession
+from rayoodkd.methods.augkd import AugKD, AugKDConfig, mask_constraint, mixup_weight
+from rayoodkd.models.augkd import MASK_SUPREMUM, AnchorNet
+from rayoodkd.preflight import check_stages
+
+TINY = [
+    "method=augkd",
+    "data.ood=null",
+    "data.labelled={source: mnist5k, split: train}",
+    "data.batch_size=16",
+    "eval.every=3",
+    "eval.topk=[1, 3, 5]",
+    "log_every=1",
+    "augkd.batch_size=16",
+    "augkd.nz=16",
+    "augkd.ngf=8",
+    "augkd.encoder_width=8",
+    "augkd.inner_steps=2",
+    "augkd.validation_batches=2",
+    "augkd.datafree_steps=4",
+    "augkd.anchor_epochs=2",
+    "augkd.mixup_epochs=3",
+]
+
+
+def _conv_net(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    )
+
+
+def _method(**overrides: object) -> AugKD:
+    """AuG-KD on 1×8×8 images with a small BN teacher and student."""
+    torch.manual_seed(0)
+    cfg = AugKDConfig(nz=8, ngf=8, encoder_width=8, batch_size=32, **overrides)
+    return AugKD(_conv_net(8).eval(), _conv_net(4), cfg, small_context(batch_size=16))
+
+
+class _OneBatch:
+    """A ``Streams`` with one fixed labelled batch."""
+
+    def __init__(self, ctx_mean: float = 0.5, ctx_std: float = 0.25) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.unit = torch.rand(16, 1, 8, 8, generator=generator)
+        self.labels = torch.randint(0, 10, (16,), generator=generator)
+        self.image = (self.unit - ctx_mean) / ctx_std
+
+    def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
+        return {"image": self.image, "unit": self.unit, "label": self.labels}
+
+
+def test_the_encoder_learns_to_invert_the_generator_on_its_own_samples() -> None:
+    method = _method(lr_e=1e-3)
+    method.generator.eval()
+    held_out = torch.randn(256, 8, generator=torch.Generator().manual_seed(5))
+
+    def reconstruction_error() -> float:
+        with torch.no_grad():
+            images = method.generator(held_out)
+            labels = method.teacher(method.ctx.normalize(images)).argmax(1)
+            _, mu, _ = method.encoder.eval()(images, labels)
+        method.encoder.train()
+        return (mu - held_out).pow(2).sum(1).mean().item()
+
+    before = reconstruction_error()
+    for _ in range(150):
+        z = method.ctx.randn(32, 8)
+        with torch.no_grad():
+            images = method.generator(z)
+            labels = method.teacher(method.ctx.normalize(images)).argmax(1)
+        method.ctx.step(method.encoder_loss(images, z, labels), method.opt_e, "encoder")
+    assert reconstruction_error() < 0.5 * before
+
+
+def test_the_anchor_mask_stays_below_a_third_even_with_saturated_weights() -> None:
+    anchor = AnchorNet(16, 10)
+    with torch.no_grad():
+        for layer in anchor.mask_layers:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(1000)
+    labels = torch.arange(10).repeat(4)
+    for mode in (True, False):
+        mask = anchor.train(mode).mask(labels)
+        assert mask.min() >= 0 and mask.max() < MASK_SUPREMUM
+    anchors, mask = anchor.train()(z := torch.randn(40, 16), labels)
+    unmasked = mask == 0  # A leaves the dimensions its mask does not select exactly as they are
+    assert 0 < unmasked.sum() < unmasked.numel()
+    torch.testing.assert_close(anchors[unmasked], z[unmasked], rtol=0, atol=0)
+
+
+def _fit_mask(form: str, batch_size: int) -> Tensor:
+    torch.manual_seed(0)
+    anchor = AnchorNet(16, 10)
+    optimizer = torch.optim.Adam(anchor.parameters(), lr=2e-2)
+    labels = torch.arange(batch_size) % 10
+    for _ in range(300):
+        loss = mask_constraint(anchor.mask(labels), 0.5, form).mean()  # type: ignore[arg-type]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return anchor.mask(labels).sum(1)
+
+
+def test_the_per_sample_mask_constraint_is_met_and_does_not_depend_on_the_batch_size() -> None:
+    """Per sample: the average Σ_j m_ij / sup m → d·(1 − inv) = 8 of 16 dims (inv 0.5), at any batch size.
+    The official batch-sum form meets the same target with the whole batch, so each sample's mask shrinks as
+    the batch grows. (inv 0.25 asks for 12 of 16 dims, more than the ~9 whose ReLU is alive after init: a
+    mask entry the ReLU zeroes gets no gradient, see docs/methods/augkd.md.)"""
+    for batch_size in (10, 40):
+        per_sample = _fit_mask("per_sample", batch_size) / MASK_SUPREMUM
+        assert per_sample.mean().item() == pytest.approx(8, abs=0.2)
+    small, large = _fit_mask("batch_sum", 10), _fit_mask("batch_sum", 40)
+    assert small.sum().item() == pytest.approx(8, abs=0.2) and large.sum().item() == pytest.approx(8, abs=0.2)
+    assert small.mean() > 3 * large.mean()
+
+
+def test_the_mixup_scheduler_follows_the_spec() -> None:
+    epochs, a, b = 200, 0.6, 0.2
+    for scheduler in ("linear", "step"):
+        assert mixup_weight(0, epochs, a, b, scheduler) == pytest.approx(b)
+        assert mixup_weight(120, epochs, a, b, scheduler) == pytest.approx(1.0)
+        assert mixup_weight(199, epochs, a, b, scheduler) == 1.0
+    assert mixup_weight(60, epochs, a, b, "linear") == pytest.approx((1 + b) / 2)
+    assert mixup_weight(65, epochs, a, b, "step") == pytest.approx(b + (1 - b) * 0.5)
+    assert mixup_weight(59, epochs, a, b, "step") == pytest.approx(b + (1 - b) * 0.4)
+    assert mixup_weight(10, epochs, 1.0, 1.0, "linear") == 1.0
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_stage_three_distils_the_teacher_unless_the_code_bug_is_reproduced(bug: bool) -> None:
+    method = _method(reproduce_code_bug=bug)
+    method.ctx.stage, method.ctx.stage_epoch = "mixup", 0
+    calls = []
+    method.teacher.register_forward_hook(lambda *_: calls.append(1))
+    metrics = method.train_step(_OneBatch())  # type: ignore[arg-type]
+    if bug:  # two forwards of a dropout-free student on one batch agree: the "KD" term vanishes
+        assert not calls and metrics["loss/kd"] == pytest.approx(0.0, abs=1e-4)
+    else:
+        assert len(calls) == 1 and metrics["loss/kd"] > 1e-3
+    assert metrics["mix_weight"] == pytest.approx(0.2) and metrics["images"] == 32
+
+
+def test_stage_three_normalises_the_real_half_unless_the_official_mismatch_is_asked_for() -> None:
+    seen: dict[bool, Tensor] = {}
+    for official in (False, True):
+        method = _method(official_normalization=official)
+        method.ctx.stage = "mixup"
+        batch = _OneBatch()
+
+        def keep_input(_module: nn.Module, inputs: tuple[Tensor, ...], key: bool = official) -> None:
+            seen.setdefault(key, inputs[0])
+
+        method.student.register_forward_pre_hook(keep_input)
+        method.train_step(batch)  # type: ignore[arg-type]
+        torch.testing.assert_close(seen[official][:16], batch.unit if official else batch.image)
+
+
+def _blobs(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> LocalSession:
+    session = LocalSession(
+        streams={"labelled": _blobs(64, 1)},
+        eval_sets={"val": _blobs(32, 3), "test": _blobs(32, 4)},
+        checkpoint_root=run_dir,
+        resume_from=run_dir if resume else None,
+    )
+    cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *TINY, *extra])
+    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
+    return session
+
+
+def _stages(cfg: object, teacher_path: Path) -> list:
+    from rayoodkd.engine.loop import build_method, build_student, run_context
+    from rayoodkd.teacher_io import load_teacher
+
+    teacher, info = load_teacher(teacher_path)
+    cpu = torch.device("cpu")
+    student = build_student(cfg, info, cpu)  # type: ignore[arg-type]
+    return build_method(cfg, teacher, student, run_context(cfg, info, cpu, torch.Generator())).stages()  # type: ignore[arg-type]
+
+
+def _assert_same_players(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for player, weights in a.items():
+        for name, tensor in weights.items():
+            torch.testing.assert_close(b[player][name], tensor, rtol=0, atol=0)
+
+
+def test_three_stages_select_on_their_own_metrics_and_a_kill_in_stage_two_resumes_there(
+    tmp_path: Path, bn_teacher: Path
+) -> None:
+    """4 data-free steps, then 2 anchor and 3 mixup epochs of 64 labelled rows in batches of 16 (4 steps
+    each); evaluations every 3 steps and at each stage's end."""
+    straight = _run(tmp_path / "straight", bn_teacher)
+    stages = [(r["step"], r["stage"]) for r in straight.reports]
+    assert stages == [(3, 0), (4, 0), (6, 1), (9, 1), (12, 1), (15, 2), (18, 2), (21, 2), (24, 2)]
+    assert {"val/generator_loss", "val/encoder_loss", "datafree/loss/encoder"} <= set(straight.reports[1])
+    assert {"val/anchor_loss", "anchor/loss/energy", "anchor/loss/mask"} <= set(straight.reports[2])
+    assert {"mixup/loss/kd", "mixup/mix_weight", "test/top3"} <= set(straight.reports[-1])
+    first_end = load_state(tmp_path / "straight" / "step_0000004")
+    assert first_end["stage_best"]["score"] == min(r["val/generator_loss"] for r in straight.reports[:2])
+
+    killed = tmp_path / "killed"
+    with pytest.raises(InjectedFailure):
+        _run(killed, bn_teacher, "debug.fail_at_step=8")
+    resumed = _run(killed, bn_teacher, "debug.fail_at_step=8", resume=True)
+    assert resumed.reports[0]["resumed_from_step"] == 6 and resumed.reports[0]["stage"] == 1
+    _assert_same_players(
+        load_state(tmp_path / "straight" / "step_0000024")["players"],
+        load_state(killed / "step_0000024")["players"],
+    )
+    assert resumed.reports[-1]["test/top1"] == straight.reports[-1]["test/top1"]
+
+
+def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
+    tmp_path: Path, bn_teacher: Path
+) -> None:
+    prefix = _run(tmp_path / "prefix", bn_teacher, "stop_after=anchor")
+    assert prefix.reports[-1]["step"] == 12 and "test/top1" in prefix.reports[-1]
+    end = load_state(tmp_path / "prefix" / "step_0000012")
+    selected = end["stage_best"]["players"]
+
+    cfg = resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, "stop_after=anchor"])
+    method_stages = _stages(cfg, bn_teacher)
+    check_stages(cfg, method_stages, end["teacher_hash"])
+    with pytest.raises(ConfigError, match="stop_after: 'augkd' has no stage 'anchors'"):
+        check_stages(cfg.model_copy(update={"stop_after": "anchors"}), method_stages, end["teacher_hash"])
+    starts = [
+        ({"checkpoint": str(tmp_path / "prefix"), "stage": "datafree"}, "not a later stage"),
+        (
+            {"checkpoint": str(tmp_path / "prefix" / "step_0000006"), "stage": "mixup"},
+            "end of stage 'anchor'",
+        ),
+        (
+            {"checkpoint": str(tmp_path / "prefix" / "step_0000003"), "stage": "anchor"},
+            "end of stage 'datafree'",
+        ),
+    ]
+    for init_from, message in starts:
+        bad = resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, f"init_from={init_from}"])
+        with pytest.raises(ConfigError, match=message):
+            check_stages(bad, method_stages, end["teacher_hash"])
+    with pytest.raises(ConfigError, match="another teacher"):
+        good = f"init_from={{checkpoint: {tmp_path / 'prefix'}, stage: mixup}}"
+        check_stages(resolve_config("demo", [*TINY, good]), method_stages, "0" * 64)
+
+    tail = _run(
+        tmp_path / "tail", bn_teacher, f"init_from={{checkpoint: {tmp_path / 'prefix'}, stage: mixup}}"
+    )
+    assert [(r["step"], r["stage"]) for r in tail.reports] == [(3, 2), (6, 2), (9, 2), (12, 2)]
+    after = load_state(tmp_path / "tail" / "step_0000012")["players"]
+    frozen = ("generator", "encoder", "anchor")
+    _assert_same_players({k: selected[k] for k in frozen}, {k: after[k] for k in frozen})
+    assert any(not torch.equal(after["student"][k], selected["student"][k]) for k in selected["student"])
