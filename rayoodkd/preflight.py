@@ -170,6 +170,17 @@ def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
     check_stages(cfg, method.stages(), info.content_hash)
 
 
+def method_stages(cfg: BaseRunConfig, teacher_path: Path) -> list[Stage]:
+    """The stages of ``cfg``'s method, built on the CPU for this teacher."""
+    from rayoodkd.engine.loop import build_method, build_student, run_context
+    from rayoodkd.teacher_io import load_teacher
+
+    teacher, info = load_teacher(teacher_path)
+    cpu = torch.device("cpu")
+    ctx = run_context(cfg, info, cpu, torch.Generator().manual_seed(cfg.seed))
+    return build_method(cfg, teacher, build_student(cfg, info, cpu), ctx).stages()
+
+
 def check_stages(cfg: BaseRunConfig, stages: list[Stage], teacher_hash: str) -> None:
     """``stop_after`` names a stage; ``init_from`` holds the end of the stage before its start stage, trained
     with this teacher, and starts before ``stop_after``."""

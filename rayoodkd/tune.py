@@ -96,6 +96,11 @@ class SweepSpace(Section):
     trial: TrialResources = TrialResources()
     max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster's CPUs allow")
     max_failures: int = Field(0, ge=0, description="Tune-level retries of a crashed trial")
+    start_stage: str | None = Field(
+        None,
+        description="a multi-stage method's stage the trials start at: the stages before it run once, in "
+        "a shared run, and every trial starts from its end (init_from); search keys acting from there on",
+    )
     report_metrics: list[str] = Field(
         default_factory=lambda: ["test/top1"],
         description="more metrics of each trial's last report for results.csv (empty if never reported)",
@@ -277,6 +282,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str,
             "sweep": sweep["name"],
             "trial_id": trial_id,
             "sampled": sampled,
+            **({"init_from": data["init_from"]["checkpoint"]} if data.get("init_from") else {}),
         },
     )
 
@@ -465,6 +471,8 @@ def run_sweep(
         "tracking_uri": paths.tracking_uri,
         "parent_run_id": tracker.run_id,
     }
+    if space.start_stage is not None:
+        base = _share_earlier_stages(space, base, paths, tracker.run_id, log)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
     )
@@ -507,6 +515,39 @@ def run_sweep(
     return result
 
 
+def _share_earlier_stages(
+    space: SweepSpace, base: dict[str, Any], paths: SweepPaths, parent_run_id: str, log: Any
+) -> dict[str, Any]:
+    """Run the stages before ``space.start_stage`` once (a finished shared run is only re-reported on
+    ``--resume``) and return the base every trial starts from: ``init_from`` the end of that run."""
+    from rayoodkd.launch import launch
+    from rayoodkd.preflight import method_stages
+    from rayoodkd.teacher import ensure_teacher
+
+    cfg = build_config(base)
+    names = [stage.name for stage in method_stages(cfg, ensure_teacher(cfg.teacher, cfg.data.cache_dir, log))]
+    if space.start_stage not in names[1:]:
+        raise ConfigError(
+            f"start_stage: {space.start_stage!r} is not a later stage of {cfg.method!r}; "
+            f"allowed: {', '.join(names[1:]) or 'none (one stage)'}"
+        )
+    shared_stages = names[: names.index(space.start_stage)]
+    shared = copy.deepcopy(base)
+    shared.update(
+        run_name=f"{space.name}-shared",
+        storage_path=f"{paths.root}/shared",
+        tracking_uri=paths.tracking_uri,
+        summary_json=None,
+        stop_after=shared_stages[-1],
+    )
+    log(f"sweep {space.name}: stages {', '.join(shared_stages)} run once, shared by every trial")
+    summary = launch(
+        build_config(shared),
+        mlflow_tags={"mlflow.parentRunId": parent_run_id, "sweep": space.name, "trial_id": "shared"},
+    )
+    return {**base, "init_from": {"checkpoint": summary.checkpoint, "stage": space.start_stage}}
+
+
 def _trial_id(result: Any) -> str:
     """The trial ID from the last result, or from the trial directory (``_trainable_<id>_<n>_...``)."""
     if result.metrics and result.metrics.get("trial_id"):
@@ -525,11 +566,12 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
         metrics = result.metrics or {}
         sampled = dict(result.config["search"])
         trial_id = _trial_id(result)
-        max_steps = build_config(trial_config(base, sampled)).max_steps
+        # A multi-stage run's length is its stages' (or, with init_from, the later stages'): ASHA's max_t.
+        max_steps = space.scheduler.max_t or build_config(trial_config(base, sampled)).max_steps
         steps = int(metrics.get("step", 0))
         run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
         run_id = run_record.get("mlflow_run_id", "")
-        stopped = result.error is None and steps < max_steps
+        stopped = result.error is None and "test/top1" not in metrics  # only a run's last report has it
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
             if stopped:
@@ -631,7 +673,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"""\
 space file keys: name, base, overrides, search, metric, mode, scheduler.{{type, time_attr, max_t,
   grace_period, reduction_factor, brackets}}, num_samples, trial.{{num_workers, cpus_per_worker,
-  gpus_per_worker, driver_cpus}}, max_concurrent_trials, max_failures
+  gpus_per_worker, driver_cpus}}, max_concurrent_trials, max_failures, start_stage, report_metrics
 search kinds: {", ".join(DOMAIN_ARITY)}   e.g.  mosaickd.patch_size: {{grid: [2, 4, 8]}}
 shipped spaces: {shipped}
 
@@ -639,6 +681,7 @@ examples:
   python -m rayoodkd.tune --space smoke
   python -m rayoodkd.tune --space tune_spaces/mosaickd-patch.yaml num_samples=2 --output sweeps/patch
   python -m rayoodkd.tune --space mosaickd-patch --resume          # continue an interrupted sweep
+  python -m rayoodkd.tune --space augkd-mixup start_stage=null     # every trial runs every stage
   python -m rayoodkd.train --config sweeps/patch/best.yaml         # run the winner
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -4,20 +4,25 @@ stage 3 start every trial from one shared run of stages 1-2."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import small_context
+from mlflow.tracking import MlflowClient
+from PIL import Image
 from torch import Tensor, nn
 
 from rayoodkd.config import ConfigError, resolve_config
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
+from rayoodkd.launch import launch
 from rayoodkd.methods.augkd import AugKD, AugKDConfig, mask_constraint, mixup_weight
 from rayoodkd.models.augkd import MASK_SUPREMUM, AnchorNet
 from rayoodkd.preflight import check_stages
+from rayoodkd.preflight import method_stages as method_stages_of
 
 TINY = [
     "method=augkd",
@@ -194,16 +199,6 @@ def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> Loc
     return session
 
 
-def _stages(cfg: object, teacher_path: Path) -> list:
-    from rayoodkd.engine.loop import build_method, build_student, run_context
-    from rayoodkd.teacher_io import load_teacher
-
-    teacher, info = load_teacher(teacher_path)
-    cpu = torch.device("cpu")
-    student = build_student(cfg, info, cpu)  # type: ignore[arg-type]
-    return build_method(cfg, teacher, student, run_context(cfg, info, cpu, torch.Generator())).stages()  # type: ignore[arg-type]
-
-
 def _assert_same_players(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for player, weights in a.items():
@@ -246,7 +241,7 @@ def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
     selected = end["stage_best"]["players"]
 
     cfg = resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, "stop_after=anchor"])
-    method_stages = _stages(cfg, bn_teacher)
+    method_stages = method_stages_of(cfg, bn_teacher)
     check_stages(cfg, method_stages, end["teacher_hash"])
     with pytest.raises(ConfigError, match="stop_after: 'augkd' has no stage 'anchors'"):
         check_stages(cfg.model_copy(update={"stop_after": "anchors"}), method_stages, end["teacher_hash"])
@@ -277,3 +272,79 @@ def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
     frozen = ("generator", "encoder", "anchor")
     _assert_same_players({k: selected[k] for k in frozen}, {k: after[k] for k in frozen})
     assert any(not torch.equal(after["student"][k], selected["student"][k]) for k in selected["student"])
+
+
+def _tiny_preset(tmp_path: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        f"teacher.checkpoint={teacher}",
+        f"storage_path={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *[item for item in TINY if not item.startswith(("method", "data."))],
+        "data.batch_size=16",
+        "eval.every=4",
+        *extra,
+    ]
+
+
+@pytest.mark.ray
+def test_two_workers_run_the_three_stages_with_per_stage_metrics_and_sample_grids(
+    tmp_path: Path, bn_teacher: Path, ray_local
+) -> None:
+    """mnist2uci-augkd on 2 workers with tiny budgets: 10 labelled UCI digits per class, 50 per rank, so 3
+    steps per anchor/mixup epoch; 4 + 2·3 + 3·3 = 19 steps."""
+    cfg = resolve_config(
+        "mnist2uci-augkd", _tiny_preset(tmp_path, bn_teacher, "num_workers=2", "run_name=augkd2")
+    )
+    summary = launch(cfg)
+    assert summary.steps == 19
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["ddp/replicas_identical"] == 1.0
+    steps = {
+        key: [m.step for m in client.get_metric_history(summary.mlflow_run_id, key)]
+        for key in ("datafree/loss/encoder", "anchor/loss/anchor", "mixup/loss/kd", "val/anchor_loss")
+    }
+    assert steps["datafree/loss/encoder"] == [1, 2, 3, 4]
+    assert steps["anchor/loss/anchor"] == list(range(5, 11))
+    assert steps["mixup/loss/kd"] == list(range(11, 20))
+    assert steps["val/anchor_loss"] == [8, 10]
+    assert {"test/top1", "test/top3", "test/top5"} <= set(run.data.metrics)
+    grids = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "samples")}
+    assert {"samples/step_0000004.png", "samples/step_0000019.png"} <= grids
+    sizes = {}
+    for step in (4, 19):
+        path = client.download_artifacts(summary.mlflow_run_id, f"samples/step_{step:07d}.png", str(tmp_path))
+        sizes[step] = Image.open(path).size
+    # 28-px images in a grid of 8 per row with 2-px padding: 16 generator samples in stage 1; in stage 3
+    # 5 rows (s = 0, 0.25, 0.5, 0.75, 1) of mixups of the same 8 real images
+    assert sizes == {4: (242, 62), 19: (242, 152)}
+
+
+class _WholeSet(_OneBatch):
+    """A ``Streams`` whose labelled set is the one batch: scanned whole, selected whole."""
+
+    def scan(self, stream: str, batch_size: int = 512) -> Iterator[dict[str, Tensor]]:
+        yield {"image": self.image, "unit": self.unit, "label": self.labels}
+
+    def use_selection(self, stream: str, unit: Tensor, labels: Tensor, epoch: int) -> int:
+        return 1
+
+
+def test_the_ablation_switches_remove_the_anchors_and_the_data_free_initialisation() -> None:
+    for use_anchors in (True, False):
+        method = _method(use_anchors=use_anchors)
+        method.ctx.stage = "mixup"
+        calls: list[int] = []
+        method.anchor.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        method.train_step(_OneBatch())  # type: ignore[arg-type]
+        assert len(calls) == int(use_anchors)
+
+    for from_datafree in (True, False):
+        method = _method(mixup_from_datafree_student=from_datafree)
+        initial = {k: v.clone() for k, v in method.student.state_dict().items()}
+        method.ctx.stage = "datafree"
+        method.train_step(_WholeSet())  # type: ignore[arg-type]
+        method.ctx.stage = "mixup"
+        method.begin_epoch(_WholeSet(), 0)  # type: ignore[arg-type]
+        same = all(torch.equal(v, initial[k]) for k, v in method.student.state_dict().items())
+        assert same is not from_datafree

@@ -59,22 +59,21 @@ def test_builtin_per_class_keeps_the_smallest_hashes(ray_local, tmp_path: Path) 
     cfg = CorpusConfig(source="uci-digits", split="train", per_class=10, per_class_seed=3)
     ten = _load(cfg, cache_dir=str(tmp_path))
     assert _per_class(ten) == {label: 10 for label in range(10)}
-    assert _load(cfg, cache_dir=str(tmp_path)) == ten  # same rows, same order
+    assert sorted(_load(cfg, cache_dir=str(tmp_path))) == sorted(ten)  # the same rows
 
-    # The rule, from the cached PNG bytes: per class the 10 smallest keyed hashes, rows in hash order.
+    # The rule, from the cached PNG bytes: per class the 10 smallest keyed hashes.
     table = pq.read_table(materialize_builtin("uci-digits", "train", cache_dir=str(tmp_path)))
     pngs, labels = table.column("image").to_pylist(), table.column("label").to_numpy()
     keys = content_digests(pngs, seed=3)
     chosen = [
         i for label in range(10) for i in sorted(np.flatnonzero(labels == label), key=keys.__getitem__)[:10]
     ]
-    chosen.sort(key=keys.__getitem__)
     expected = decode_batch(
         {"image": np.array([pngs[i] for i in chosen], dtype=object), "label": labels[chosen]},
         image_size=28,
         channels=1,
     )
-    assert ten == _rows(expected)
+    assert sorted(ten) == sorted(_rows(expected))
 
     three = _load(cfg.model_copy(update={"per_class": 3}), cache_dir=str(tmp_path))
     assert _per_class(three) == {label: 3 for label in range(10)}
@@ -82,7 +81,7 @@ def test_builtin_per_class_keeps_the_smallest_hashes(ray_local, tmp_path: Path) 
     reseeded = _load(cfg.model_copy(update={"per_class_seed": 4}), cache_dir=str(tmp_path))
     assert _per_class(reseeded) == _per_class(ten) and set(reseeded) != set(ten)
     capped = _load(cfg.model_copy(update={"num_images": 15}), cache_dir=str(tmp_path))
-    assert capped == ten[:15]  # num_images applies after the cap
+    assert len(capped) == 15 and set(capped) < set(ten)  # num_images applies after the cap
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def _write_space(tmp_path: Path, text: str) -> str:
 def test_every_shipped_space_validates(name: str) -> None:
     space, base = load_space(name)
     assert space.name == name and space.metric == "val/top1"
-    assert base["method"] in {"kd_ood", "mosaickd", "tadfkd"}
+    assert base["method"] in {"kd_ood", "mosaickd", "tadfkd", "augkd"}
 
 
 def test_overrides_go_to_the_space_or_to_every_trial() -> None:
@@ -89,8 +89,17 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
     space, base = load_space("smoke")
     rows = [
         TrialRow(
-            "a_00000", {"kd_ood.lr": 0.05}, 61.0, 61.0, {"test/top1": 60.5}, 40, 40, False, "TERMINATED",
-            "/ck/a", "r1",
+            "a_00000",
+            {"kd_ood.lr": 0.05},
+            61.0,
+            61.0,
+            {"test/top1": 60.5},
+            40,
+            40,
+            False,
+            "TERMINATED",
+            "/ck/a",
+            "r1",
         ),
         TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, {}, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
     ]
@@ -155,3 +164,54 @@ def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local
     from rayoodkd.train import main as train_main
 
     assert train_main(["--config", str(output / "best.yaml"), "max_steps=10", "run_name=from-best"]) == 0
+
+
+@pytest.mark.ray
+def test_trials_of_a_later_stage_start_from_one_shared_run_of_the_stages_before(
+    tmp_path: Path, bn_teacher: Path, ray_local
+) -> None:
+    """augkd-mixup with tiny budgets: stages datafree and anchor run once; both trials start stage 3 from
+    the end of that run (their MLflow params and tags say so) and run only stage 3's 2 epochs × 3 steps."""
+    space_file = _write_space(
+        tmp_path,
+        """
+name: mixup-tiny
+base: mnist2uci-augkd
+start_stage: mixup
+overrides: {data.batch_size: 32, eval.every: 3, augkd.batch_size: 16, augkd.nz: 16, augkd.ngf: 8,
+            augkd.encoder_width: 8, augkd.inner_steps: 1, augkd.validation_batches: 1,
+            augkd.datafree_steps: 2, augkd.anchor_epochs: 1, augkd.mixup_epochs: 2}
+search:
+  augkd.a: {grid: [0.2, 1.0]}
+scheduler: {type: fifo}
+trial: {num_workers: 1, cpus_per_worker: 0.5, driver_cpus: 0.25}
+max_concurrent_trials: 1
+""",
+    )
+    overrides = [
+        f"storage_path={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"teacher.checkpoint={bn_teacher}",
+    ]
+    space, base = load_space(space_file, overrides)
+    result = run_sweep(space, base, output=tmp_path / "out")
+    assert [row.steps for row in result.rows] == [6, 6]
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    shared = [run for run in children if run.data.tags["trial_id"] == "shared"]
+    assert len(shared) == 1 and shared[0].data.params["stop_after"] == "anchor"
+    assert shared[0].data.metrics["step"] == 5  # 2 data-free steps, 1 anchor epoch of 3 batches of 32
+    trials = [run for run in children if run.data.tags["trial_id"] != "shared"]
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial.data.params["init_from.stage"] == "mixup"
+        assert trial.data.tags["init_from"] == trial.data.params["init_from.checkpoint"]
+        assert trial.data.params["init_from.checkpoint"].startswith(
+            str(tmp_path / "runs" / "mixup-tiny" / "shared")
+        )
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "mixup/loss/kd")] == list(
+            range(3, 7, 3)
+        )

@@ -67,8 +67,8 @@ class CorpusConfig(BaseModel):
     ``per_class_seed`` (the hash of the split above; all of a class's images when it has at most k). The
     choice is the same on every run and machine, independent of row order, and nested: the images kept at
     k are among those kept at any larger k with the same seed. Rows with an unknown label (< 0) are dropped.
-    The cap applies after the hash split and before ``num_images``; the kept rows come in the order of their
-    hash, so classes interleave.
+    Identical images share a hash, so a class keeps more than k only when its k-th image has exact copies.
+    The cap applies after the hash split and before ``num_images``; the kept rows stay in source order.
     """
 
     model_config = ConfigDict(extra="forbid")

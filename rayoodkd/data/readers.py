@@ -172,20 +172,33 @@ def _with_class_key(batch: pa.Table, seed: int) -> pa.Table:
     return keyed.filter(pa.array(labels >= 0))
 
 
-def _smallest_keys(group: pa.Table, k: int) -> pa.Table:
-    """The ``k`` rows of one class with the smallest ``_CLASS_KEY`` (a ``map_groups`` step)."""
-    return group.sort_by(_CLASS_KEY).slice(0, k)
+def _within_thresholds(batch: pa.Table, thresholds: dict[int, int]) -> pa.Table:
+    """The rows of ``batch`` whose ``_CLASS_KEY`` is at most their class's threshold, without that column."""
+    labels = batch.column("label").to_numpy()
+    keys = batch.column(_CLASS_KEY).to_numpy()
+    limits = np.array([thresholds.get(int(label), 0) for label in labels], dtype=np.uint64)
+    keep = np.isin(labels, list(thresholds)) & (keys <= limits)
+    return batch.filter(pa.array(keep)).drop_columns([_CLASS_KEY])
 
 
 def _cap_per_class(ds: ray.data.Dataset, k: int, seed: int) -> ray.data.Dataset:
-    """At most ``k`` rows of each label >= 0 (see ``CorpusConfig.per_class``), sorted by content hash."""
-    return (
-        ds.map_batches(_with_class_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
-        .groupby("label")
-        .map_groups(_smallest_keys, fn_kwargs={"k": k}, batch_format="pyarrow")
-        .sort([_CLASS_KEY, "label"])
-        .drop_columns([_CLASS_KEY])
-    )
+    """At most ``k`` rows of each label >= 0 (see ``CorpusConfig.per_class``), in source order.
+
+    Only each row's label and 64-bit key reach the driver (16 bytes a row), which keeps the k smallest keys
+    of each class as a threshold; the rows are then filtered in place. No shuffle: it also runs inside a Tune
+    trial's placement group, where Ray Data's shuffle tasks cannot be scheduled.
+    """
+    keyed = ds.map_batches(_with_class_key, fn_kwargs={"seed": seed}, batch_format="pyarrow")
+    labels, keys = [], []
+    for batch in keyed.select_columns(["label", _CLASS_KEY]).iter_batches(batch_format="numpy"):
+        labels.append(batch["label"])
+        keys.append(batch[_CLASS_KEY])
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    thresholds = {
+        int(label): int(np.sort(all_keys[all_labels == label])[:k][-1]) for label in np.unique(all_labels)
+    }
+    return keyed.map_batches(_within_thresholds, fn_kwargs={"thresholds": thresholds}, batch_format="pyarrow")
 
 
 # ---------------------------------------------------------------------------------------------------- readers

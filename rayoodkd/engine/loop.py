@@ -394,7 +394,8 @@ class Worker:
         if self.best_student is not None:
             best = copy.deepcopy(student)
             best.load_state_dict(self.best_student)
-            result["test/top1_at_best_val"] = self.evaluate_on("test", best)["top1"]
+            at_best = self.evaluate_on("test", best)
+            result.update({f"test/{k}_at_best_val": v for k, v in at_best.items() if k.startswith("top")})
         return result
 
     def _inject_faults(self) -> None:

@@ -40,6 +40,10 @@ Schedules are functions of the stage's progress (exact on resumption): G and S c
 official steps them per 200-iteration epoch), A cosine over stage 2's epochs (the official steps its
 epoch-length cosine every batch, so its lr oscillates), stage 3 Adam with PyTorch ConstantLR's default
 (lr/3 for the first 5 epochs); E's lr is constant (its official scheduler is never stepped).
+
+Ablations: ``use_anchors=false`` mixes the real image with G(E(x)) instead of the anchor G(A(E(x)));
+``b=1`` trains stage 3 on real images only (no mixup); ``mixup_from_datafree_student=false`` starts stage 3
+from the student's initial weights instead of stage 1's.
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ class AugKDConfig(MethodConfig):
     reproduce_code_bug: bool = Field(False, description="KD from a 2nd student forward (official)")
     official_normalization: bool = Field(False, description="real half unnormalised (official)")
     scan_batch_size: int = Field(512, ge=1)
+    # ablations
+    use_anchors: bool = Field(True, description="false: stage 3 mixes G(E(x)) instead of G(A(E(x)))")
+    mixup_from_datafree_student: bool = Field(
+        True, description="false: stage 3 starts from the student's initial weights, not stage 1's"
+    )
 
 
 @METHODS.register("augkd")
@@ -158,6 +167,8 @@ class AugKD(Method):
         self.opt_mix = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched_g = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_g, T_max=cfg.datafree_steps)
         self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, T_max=cfg.datafree_steps)
+        self.initial_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        self.labelled_rows: tuple[Tensor, Tensor] | None = None
         self.latest: Tensor | None = None
         self.latest_real: tuple[Tensor, Tensor] | None = None
 
@@ -314,7 +325,7 @@ class AugKD(Method):
         """x_mix = (1 − s)·G((1 − s)·A(z, y) + s·z) + s·x with z = E(x, y), in [0, 1]."""
         encoder, anchor, generator = unwrap(self.encoder), unwrap(self.anchor), unwrap(self.generator)
         z, _, _ = encoder(unit, labels, generator=self.ctx.generator)
-        anchors, _ = anchor(z, labels)
+        anchors = anchor(z, labels)[0] if self.cfg.use_anchors else z
         generated = generator((1 - weight) * anchors + weight * z)
         return (1 - weight) * generated + weight * unit
 
@@ -362,13 +373,17 @@ class AugKD(Method):
         else:
             lr = cfg.lr / 3 if epoch < cfg.warmup_epochs else cfg.lr
             optimizer = self.opt_mix
+            if epoch == 0 and not cfg.mixup_from_datafree_student:
+                unwrap(self.student).load_state_dict(self.initial_student)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        units, labels = [], []
-        for batch in data.scan("labelled", cfg.scan_batch_size):
-            units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
-            labels.append(batch["label"].cpu())
-        return data.use_selection("labelled", torch.cat(units), torch.cat(labels), epoch), {}
+        if self.labelled_rows is None:  # the same rows every epoch: scanned once per process
+            units, labels = [], []
+            for batch in data.scan("labelled", cfg.scan_batch_size):
+                units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
+                labels.append(batch["label"].cpu())
+            self.labelled_rows = torch.cat(units), torch.cat(labels)
+        return data.use_selection("labelled", *self.labelled_rows, epoch), {}
 
     def train_step(self, data: Streams) -> dict[str, float]:
         if self.ctx.stage == "datafree":
