@@ -3,13 +3,15 @@ Ray Data corpora, MLflow), one after another in one process, on the presets' dat
 
     python bench/augkd_results.py --config mnist2uci-augkd --config mnist2uci-kd --config mnist2uci-finetune \
         --sweep seed=0,1,2
-    python bench/augkd_results.py --config mnist2uci-augkd --sweep augkd.use_anchors=false --sweep seed=0,1,2
+    python bench/augkd_results.py --config mnist2uci-augkd --variant augkd.use_anchors=false \
+        --sweep seed=0,1,2
     python bench/augkd_results.py --config mnist2uci-kd --sweep data.labelled.per_class=50 --sweep seed=0,1,2
 
-Each ``--config`` is run for every combination of the ``--sweep`` values (several ``--sweep``: their cross
-product). Reported per run, from the run's MLflow metrics: test Acc / Acc@3 at the checkpoint selected on
-``data.val`` (never on test), the final test Acc, the teacher's test Acc on the same split (the domain shift),
-and wall seconds; then, per config and sweep value other than the seed, mean ± std over the seeds.
+Each ``--config`` is run as is and once per ``--variant`` (a space-separated list of overrides), each of
+those for every combination of the ``--sweep`` values (several ``--sweep``: their cross product). Reported
+per run, from the run's MLflow metrics: test Acc / Acc@3 at the checkpoint selected on ``data.val`` (never
+on test), the final test Acc, the teacher's test Acc on the same split (the domain shift), and wall
+seconds; then, per config and sweep value other than the seed, mean ± std over the seeds.
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="append", default=[], help="KEY=V1,V2,...: a run per value (repeat: cross product)"
     )
+    parser.add_argument(
+        "--variant", action="append", default=[], help="'KEY=V KEY=V': one more run per variant (repeat)"
+    )
     parser.add_argument("--storage", default=None, help="storage_path of the runs (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="augkd-bench-")
-    combos: list[list[str]] = [[]]
+    combos: list[list[str]] = [[], *(variant.split() for variant in args.variant)]
     for sweep in args.sweep:
         key, _, values = sweep.partition("=")
         combos = [[*combo, f"{key}={value}"] for combo in combos for value in values.split(",")]
