@@ -182,8 +182,9 @@ def find_space(ref: str) -> Path:
 def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace, dict[str, Any]]:
     """The validated space and the base run config (as a dict) every trial starts from.
 
-    An override whose first part is a space key (``num_samples=8``, ``scheduler.grace_period=2``) changes the
-    space; any other (``max_steps=200``, ``mosaickd.kd_steps=2``) is a fixed override of every trial.
+    An override whose first part is a space key (``num_samples=8``, ``scheduler.grace_period=2``, or one
+    searched key's domain: ``search.augkd.a={grid: [0.2, 1.0]}``) changes the space; any other
+    (``max_steps=200``, ``mosaickd.kd_steps=2``) is a fixed override of every trial.
     """
     path = find_space(ref)
     data = yaml.safe_load(path.read_text()) or {}
@@ -193,7 +194,9 @@ def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace
     data["overrides"] = dict(data.get("overrides") or {})
     for text in overrides or []:
         key_path, value = parse_override(text)
-        if key_path[0] in SweepSpace.model_fields and key_path[0] != "overrides":
+        if key_path[0] == "search" and len(key_path) > 1:  # search.augkd.a={grid: [0.2, 1.0]}
+            data.setdefault("search", {})[".".join(key_path[1:])] = value
+        elif key_path[0] in SweepSpace.model_fields and key_path[0] != "overrides":
             set_dotted(data, key_path, value)
         else:
             data["overrides"][".".join(key_path)] = value
@@ -319,7 +322,14 @@ class SweepResult:
         keys = list(self.space.search)
         extra = self.space.report_metrics
         header = [
-            "trial", *keys, self.space.metric, "best_val/top1", *extra, "steps", "stopped by ASHA", "status"
+            "trial",
+            *keys,
+            self.space.metric,
+            "best_val/top1",
+            *extra,
+            "steps",
+            "stopped by ASHA",
+            "status",
         ]
         lines = [
             [
@@ -392,9 +402,7 @@ def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
     if space.scheduler.type == "fifo":
         return FIFOScheduler()
     max_t = space.scheduler.max_t or (
-        cfg.max_steps
-        if space.scheduler.time_attr == "step"
-        else math.ceil(cfg.max_steps / cfg.eval.every)
+        cfg.max_steps if space.scheduler.time_attr == "step" else math.ceil(cfg.max_steps / cfg.eval.every)
     )
     # stop_last_trials=False: a trial that reaches max_t finishes its run (summary, MLflow) instead of
     # being killed by the scheduler at its final report.
@@ -508,9 +516,7 @@ def run_sweep(
         pick = max if space.mode == "max" else min
         best = pick(finished, key=lambda row: row.metric)
     best_config = trial_config(base, best.sampled) if best else None
-    result = SweepResult(
-        space, rows, best, best_config, tracker.run_id, paths.tracking_uri
-    )
+    result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri)
     _write_outputs(result, output or _default_output(paths), tracker, time.perf_counter() - started, log)
     return result
 
@@ -610,16 +616,33 @@ def results_csv(result: SweepResult) -> str:
     writer = csv.writer(buffer)
     writer.writerow(
         [
-            "trial_id", *keys, result.space.metric, "best_val/top1", *extra, "steps", "max_steps",
-            "stopped_early", "status", "checkpoint", "mlflow_run_id",
+            "trial_id",
+            *keys,
+            result.space.metric,
+            "best_val/top1",
+            *extra,
+            "steps",
+            "max_steps",
+            "stopped_early",
+            "status",
+            "checkpoint",
+            "mlflow_run_id",
         ]
     )
     for row in result.rows:
         writer.writerow(
             [
-                row.trial_id, *(row.sampled.get(k) for k in keys), row.metric, row.best_val,
-                *(row.extra.get(k, "") for k in extra), row.steps, row.max_steps, row.stopped_early,
-                row.status, row.checkpoint, row.mlflow_run_id,
+                row.trial_id,
+                *(row.sampled.get(k) for k in keys),
+                row.metric,
+                row.best_val,
+                *(row.extra.get(k, "") for k in extra),
+                row.steps,
+                row.max_steps,
+                row.stopped_early,
+                row.status,
+                row.checkpoint,
+                row.mlflow_run_id,
             ]
         )
     return buffer.getvalue()
@@ -687,13 +710,20 @@ examples:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="a space key (num_samples=8, scheduler.grace_period=2) or a fixed run-config override "
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="a space key (num_samples=8, scheduler.grace_period=2, search.KEY={grid: [...]}) or a fixed "
+        "run-config override "
         "for every trial (max_steps=200)",
     )
     parser.add_argument("--space", required=True, help="a tune space YAML, or the name of a shipped one")
-    parser.add_argument("--output", type=Path, default=None, help="results.csv and best.yaml (default: the "
-                        "sweep's directory under storage_path)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="results.csv and best.yaml (default: the sweep's directory under storage_path)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
     parser.add_argument("--print-space", action="store_true", help="print the resolved space and exit")
     return parser

@@ -42,6 +42,9 @@ def test_overrides_go_to_the_space_or_to_every_trial() -> None:
     assert space.num_samples == 3 and space.scheduler.grace_period == 2
     assert base["max_steps"] == 30 and space.overrides["max_steps"] == 30
     assert base["num_workers"] == 1 and base["resources"]["cpus_per_worker"] == 0.5
+    space, _ = load_space("augkd-mixup", ["search.augkd.a={grid: [0.2, 1.0]}", "start_stage=null"])
+    assert space.search["augkd.a"] == {"grid": [0.2, 1.0]} and space.start_stage is None
+    assert space.search["augkd.b"]["grid"][0] == 0.2  # the other searched keys keep their domains
 
 
 @pytest.mark.parametrize(
