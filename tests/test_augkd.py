@@ -348,3 +348,58 @@ def test_the_ablation_switches_remove_the_anchors_and_the_data_free_initialisati
         method.begin_epoch(_WholeSet(), 0)  # type: ignore[arg-type]
         same = all(torch.equal(v, initial[k]) for k, v in method.student.state_dict().items())
         assert same is not from_datafree
+
+
+def test_the_paper_scale_preset_builds_and_runs_a_few_steps_on_fake_data(tmp_path: Path) -> None:
+    """office31-aw-d-augkd: a torchvision resnet34 teacher (31 classes, 32 px, ImageNet normaliser) and a
+    mobilenet_v3_small student from a local 1000-class state dict, whose head is replaced for 31 classes."""
+    import torchvision
+
+    from rayoodkd.models import build_classifier
+    from rayoodkd.teacher_io import TeacherInfo, save_teacher
+
+    torch.manual_seed(0)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    teacher = build_classifier("torchvision:resnet34", num_classes=31, in_channels=3, image_size=32)
+    teacher_path = save_teacher(
+        tmp_path / "teacher.pt", teacher, TeacherInfo("torchvision:resnet34", 31, 3, 32, *imagenet)
+    )
+    weights = tmp_path / "mobilenet_v3_small-imagenet.pth"
+    imagenet_like = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    imagenet_like["classifier.0.bias"].fill_(7.0)  # recognisable after a few Adam steps of lr 1e-3
+    torch.save(imagenet_like, weights)
+
+    def fake(n: int, seed: int) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 3, 32, 32, generator=generator), torch.randint(0, 31, (n,), generator=generator)
+
+    session = LocalSession(
+        streams={"labelled": fake(32, 1)},
+        eval_sets={"val": fake(16, 2), "test": fake(16, 3)},
+        checkpoint_root=tmp_path / "run",
+    )
+    cfg = resolve_config(
+        "office31-aw-d-augkd",
+        [
+            f"teacher.checkpoint={teacher_path}",
+            f"student.kwargs.weights_path={weights}",
+            "use_gpu=false",
+            "data.batch_size=16",
+            "eval.every=2",
+            "augkd.batch_size=8",
+            "augkd.inner_steps=1",
+            "augkd.validation_batches=1",
+            "augkd.datafree_steps=2",
+            "augkd.anchor_epochs=1",
+            "augkd.mixup_epochs=1",
+        ],
+    )
+    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+    assert [(r["step"], r["stage"]) for r in session.reports] == [(2, 0), (4, 1), (6, 2)]
+    final = session.reports[-1]
+    assert {"test/top1", "test/top3", "test/top5", "val/top5"} <= set(final)
+    student = load_state(tmp_path / "run" / "step_0000006")["players"]["student"]
+    assert student["fc.weight"].shape == (31, 1024)
+    torch.testing.assert_close(
+        student["backbone.classifier.0.bias"], torch.full((1024,), 7.0), atol=0.05, rtol=0
+    )
