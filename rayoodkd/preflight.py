@@ -137,8 +137,9 @@ def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
     return found
 
 
-def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
-    """The student and the method build for this teacher on the CPU, as every worker will build them."""
+def check_models(cfg: BaseRunConfig, teacher_path: Path) -> list[str]:
+    """The student and the method build for this teacher on the CPU, as every worker will build them;
+    returns notes for the console (see :func:`check_stages`)."""
     from rayoodkd.engine.loop import build_method, build_student, run_context
     from rayoodkd.teacher_io import load_teacher
 
@@ -167,7 +168,7 @@ def check_models(cfg: BaseRunConfig, teacher_path: Path) -> None:
     except (ValueError, TypeError, RuntimeError) as error:
         message = first_line(error)
         raise ConfigError(message if message.startswith(cfg.method) else f"{cfg.method}: {message}") from None
-    check_stages(cfg, method.stages(), info.content_hash)
+    return check_stages(cfg, method.stages(), info.content_hash, method.players())
 
 
 def method_stages(cfg: BaseRunConfig, teacher_path: Path) -> list[Stage]:
@@ -181,10 +182,18 @@ def method_stages(cfg: BaseRunConfig, teacher_path: Path) -> list[Stage]:
     return build_method(cfg, teacher, build_student(cfg, info, cpu), ctx).stages()
 
 
-def check_stages(cfg: BaseRunConfig, stages: list[Stage], teacher_hash: str) -> None:
+def check_stages(
+    cfg: BaseRunConfig,
+    stages: list[Stage],
+    teacher_hash: str,
+    players: dict[str, torch.nn.Module] | None = None,
+) -> list[str]:
     """``stop_after`` names a stage; ``init_from`` holds the end of the stage before its start stage, trained
-    with this teacher, and starts before ``stop_after``."""
-    from rayoodkd.engine.checkpoint import stage_start
+    with this teacher, its players fit ``players`` (this run's, when given), and it starts before
+    ``stop_after``. A run that resumes from its own checkpoints no longer needs its ``init_from``. Returns
+    notes for the console: the method keys in which this run differs from the one it starts from."""
+    from rayoodkd.engine.checkpoint import checkpoint_dirs, stage_start
+    from rayoodkd.storage import ray_storage_path
 
     names = [stage.name for stage in stages]
     if cfg.stop_after is not None and cfg.stop_after not in names:
@@ -192,18 +201,35 @@ def check_stages(cfg: BaseRunConfig, stages: list[Stage], teacher_hash: str) -> 
             f"stop_after: {cfg.method!r} has no stage {cfg.stop_after!r}; allowed: {', '.join(names)}"
         )
     if cfg.init_from is None:
-        return
-    directory, _, trained_with = stage_start(
-        cfg.init_from.checkpoint, stages, cfg.init_from.stage, cfg.method
-    )
-    if trained_with != teacher_hash:
-        raise ConfigError(
-            f"init_from.checkpoint: {directory} was trained with another teacher than this run's"
-        )
+        return []
     if cfg.stop_after is not None and names.index(cfg.stop_after) < names.index(cfg.init_from.stage):
         raise ConfigError(
             f"stop_after: {cfg.stop_after!r} comes before init_from.stage {cfg.init_from.stage!r}"
         )
+    if cfg.run_name and checkpoint_dirs(f"{ray_storage_path(cfg.storage_path).rstrip('/')}/{cfg.run_name}"):
+        return []
+    start = stage_start(cfg.init_from.checkpoint, stages, cfg.init_from.stage, cfg.method)
+    if start.teacher_hash != teacher_hash:
+        raise ConfigError(
+            f"init_from.checkpoint: {start.directory} was trained with another teacher than this run's"
+        )
+    for name, player in (players or {}).items():
+        try:
+            player.load_state_dict(start.players[name])
+        except (KeyError, RuntimeError) as error:
+            raise ConfigError(
+                f"init_from.checkpoint: its {name} does not fit this run's (a different architecture or "
+                f"size): {first_line(error)}"
+            ) from None
+    source = start.config.get(cfg.method, {})
+    mine = cfg.method_config().model_dump(mode="json")
+    changed = [f"{cfg.method}.{key}" for key in sorted(mine) if source.get(key) != mine[key]]
+    if not changed:
+        return []
+    return [
+        f"init_from: starting at stage {cfg.init_from.stage!r} of {start.directory}; differs in "
+        f"{', '.join(changed)} (only what acts from {cfg.init_from.stage!r} on takes effect)"
+    ]
 
 
 def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:
@@ -226,7 +252,8 @@ def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:
         for split in ("train", "val", "test"):
             check_corpus(f"teacher.recipe.{split}", getattr(cfg.teacher.recipe, split))
     teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)
-    check_models(cfg, teacher_path)
+    for note in check_models(cfg, teacher_path):
+        log(note)
     return teacher_path, tracking_uri
 
 

@@ -547,11 +547,14 @@ def _share_earlier_stages(
         stop_after=shared_stages[-1],
     )
     log(f"sweep {space.name}: stages {', '.join(shared_stages)} run once, shared by every trial")
-    summary = launch(
+    launch(
         build_config(shared),
         mlflow_tags={"mlflow.parentRunId": parent_run_id, "sweep": space.name, "trial_id": "shared"},
     )
-    return {**base, "init_from": {"checkpoint": summary.checkpoint, "stage": space.start_stage}}
+    # The run's directory, not one checkpoint: a --resume relaunch re-takes the last checkpoint (and rotates
+    # older ones), and every trial takes the newest one that ends the shared stages.
+    run_dir = f"{shared['storage_path']}/{shared['run_name']}"
+    return {**base, "init_from": {"checkpoint": run_dir, "stage": space.start_stage}}
 
 
 def _trial_id(result: Any) -> str:

@@ -21,7 +21,7 @@ from rayoodkd.engine.session import LocalSession
 from rayoodkd.launch import launch
 from rayoodkd.methods.augkd import AugKD, AugKDConfig, mask_constraint, mixup_weight
 from rayoodkd.models.augkd import MASK_SUPREMUM, AnchorNet
-from rayoodkd.preflight import check_stages
+from rayoodkd.preflight import check_models, check_stages
 from rayoodkd.preflight import method_stages as method_stages_of
 
 TINY = [
@@ -213,7 +213,7 @@ def test_three_stages_select_on_their_own_metrics_and_a_kill_in_stage_two_resume
     each); evaluations every 3 steps and at each stage's end."""
     straight = _run(tmp_path / "straight", bn_teacher)
     stages = [(r["step"], r["stage"]) for r in straight.reports]
-    assert stages == [(3, 0), (4, 0), (6, 1), (9, 1), (12, 1), (15, 2), (18, 2), (21, 2), (24, 2)]
+    assert stages == [(3, 0), (4, 0), (8, 1), (12, 1), (16, 2), (20, 2), (24, 2)]  # stages 2-3: every epoch
     assert {"val/generator_loss", "val/encoder_loss", "datafree/loss/encoder"} <= set(straight.reports[1])
     assert {"val/anchor_loss", "anchor/loss/energy", "anchor/loss/mask"} <= set(straight.reports[2])
     assert {"mixup/loss/kd", "mixup/mix_weight", "test/top3"} <= set(straight.reports[-1])
@@ -222,9 +222,9 @@ def test_three_stages_select_on_their_own_metrics_and_a_kill_in_stage_two_resume
 
     killed = tmp_path / "killed"
     with pytest.raises(InjectedFailure):
-        _run(killed, bn_teacher, "debug.fail_at_step=8")
-    resumed = _run(killed, bn_teacher, "debug.fail_at_step=8", resume=True)
-    assert resumed.reports[0]["resumed_from_step"] == 6 and resumed.reports[0]["stage"] == 1
+        _run(killed, bn_teacher, "debug.fail_at_step=10")
+    resumed = _run(killed, bn_teacher, "debug.fail_at_step=10", resume=True)
+    assert resumed.reports[0]["resumed_from_step"] == 8 and resumed.reports[0]["stage"] == 1
     _assert_same_players(
         load_state(tmp_path / "straight" / "step_0000024")["players"],
         load_state(killed / "step_0000024")["players"],
@@ -248,7 +248,7 @@ def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
     starts = [
         ({"checkpoint": str(tmp_path / "prefix"), "stage": "datafree"}, "not a later stage"),
         (
-            {"checkpoint": str(tmp_path / "prefix" / "step_0000006"), "stage": "mixup"},
+            {"checkpoint": str(tmp_path / "prefix" / "step_0000008"), "stage": "mixup"},
             "end of stage 'anchor'",
         ),
         (
@@ -260,14 +260,24 @@ def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
         bad = resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, f"init_from={init_from}"])
         with pytest.raises(ConfigError, match=message):
             check_stages(bad, method_stages, end["teacher_hash"])
+    good = f"init_from={{checkpoint: {tmp_path / 'prefix'}, stage: mixup}}"
     with pytest.raises(ConfigError, match="another teacher"):
-        good = f"init_from={{checkpoint: {tmp_path / 'prefix'}, stage: mixup}}"
         check_stages(resolve_config("demo", [*TINY, good]), method_stages, "0" * 64)
+    changed = resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, good, "augkd.a=0.3"])
+    [note] = check_models(changed, bn_teacher)
+    assert "differs in augkd.a" in note and "augkd.b" not in note
+    with pytest.raises(ConfigError, match="its generator does not fit"):
+        check_models(
+            resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, good, "augkd.nz=8"]),
+            bn_teacher,
+        )
+    resumed = [f"storage_path={tmp_path}", "run_name=prefix", "init_from={checkpoint: /gone, stage: mixup}"]
+    assert check_stages(resolve_config("demo", [*TINY, *resumed]), method_stages, "0" * 64) == []
 
     tail = _run(
         tmp_path / "tail", bn_teacher, f"init_from={{checkpoint: {tmp_path / 'prefix'}, stage: mixup}}"
     )
-    assert [(r["step"], r["stage"]) for r in tail.reports] == [(3, 2), (6, 2), (9, 2), (12, 2)]
+    assert [(r["step"], r["stage"]) for r in tail.reports] == [(4, 2), (8, 2), (12, 2)]
     after = load_state(tmp_path / "tail" / "step_0000012")["players"]
     frozen = ("generator", "encoder", "anchor")
     _assert_same_players({k: selected[k] for k in frozen}, {k: after[k] for k in frozen})
@@ -293,7 +303,15 @@ def test_two_workers_run_the_three_stages_with_per_stage_metrics_and_sample_grid
     """mnist2uci-augkd on 2 workers with tiny budgets: 10 labelled UCI digits per class, 50 per rank, so 3
     steps per anchor/mixup epoch; 4 + 2·3 + 3·3 = 19 steps."""
     cfg = resolve_config(
-        "mnist2uci-augkd", _tiny_preset(tmp_path, bn_teacher, "num_workers=2", "run_name=augkd2")
+        "mnist2uci-augkd",
+        _tiny_preset(
+            tmp_path,
+            bn_teacher,
+            "num_workers=2",
+            "run_name=augkd2",
+            "augkd.eval_epochs=1",
+            "augkd.mixup_from_datafree_student=false",  # rank 0's initial student on every rank
+        ),
     )
     summary = launch(cfg)
     assert summary.steps == 19
@@ -307,7 +325,7 @@ def test_two_workers_run_the_three_stages_with_per_stage_metrics_and_sample_grid
     assert steps["datafree/loss/encoder"] == [1, 2, 3, 4]
     assert steps["anchor/loss/anchor"] == list(range(5, 11))
     assert steps["mixup/loss/kd"] == list(range(11, 20))
-    assert steps["val/anchor_loss"] == [8, 10]
+    assert steps["val/anchor_loss"] == [7, 10]  # every anchor epoch
     assert {"test/top1", "test/top3", "test/top5"} <= set(run.data.metrics)
     grids = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "samples")}
     assert {"samples/step_0000004.png", "samples/step_0000019.png"} <= grids
@@ -374,7 +392,7 @@ def test_the_paper_scale_preset_builds_and_runs_a_few_steps_on_fake_data(tmp_pat
         return torch.rand(n, 3, 32, 32, generator=generator), torch.randint(0, 31, (n,), generator=generator)
 
     session = LocalSession(
-        streams={"labelled": fake(32, 1)},
+        streams={"labelled": fake(400, 1)},  # DSLR's 80 % split: ~400 images, one batch of 384 per epoch
         eval_sets={"val": fake(16, 2), "test": fake(16, 3)},
         checkpoint_root=tmp_path / "run",
     )
@@ -384,8 +402,6 @@ def test_the_paper_scale_preset_builds_and_runs_a_few_steps_on_fake_data(tmp_pat
             f"teacher.checkpoint={teacher_path}",
             f"student.kwargs.weights_path={weights}",
             "use_gpu=false",
-            "data.batch_size=16",
-            "eval.every=2",
             "augkd.batch_size=8",
             "augkd.inner_steps=1",
             "augkd.validation_batches=1",
@@ -395,10 +411,10 @@ def test_the_paper_scale_preset_builds_and_runs_a_few_steps_on_fake_data(tmp_pat
         ],
     )
     run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
-    assert [(r["step"], r["stage"]) for r in session.reports] == [(2, 0), (4, 1), (6, 2)]
+    assert [(r["step"], r["stage"]) for r in session.reports] == [(2, 0), (3, 1), (4, 2)]
     final = session.reports[-1]
     assert {"test/top1", "test/top3", "test/top5", "val/top5"} <= set(final)
-    student = load_state(tmp_path / "run" / "step_0000006")["players"]["student"]
+    student = load_state(tmp_path / "run" / "step_0000004")["players"]["student"]
     assert student["fc.weight"].shape == (31, 1024)
     torch.testing.assert_close(
         student["backbone.classifier.0.bias"], torch.full((1024,), 7.0), atol=0.05, rtol=0

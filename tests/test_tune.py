@@ -183,7 +183,7 @@ base: mnist2uci-augkd
 start_stage: mixup
 overrides: {data.batch_size: 32, eval.every: 3, augkd.batch_size: 16, augkd.nz: 16, augkd.ngf: 8,
             augkd.encoder_width: 8, augkd.inner_steps: 1, augkd.validation_batches: 1,
-            augkd.datafree_steps: 2, augkd.anchor_epochs: 1, augkd.mixup_epochs: 2}
+            augkd.datafree_steps: 2, augkd.anchor_epochs: 1, augkd.mixup_epochs: 2, augkd.eval_epochs: 1}
 search:
   augkd.a: {grid: [0.2, 1.0]}
 scheduler: {type: fifo}

@@ -177,12 +177,21 @@ def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def stage_start(
-    source: str, stages: list[Stage], start: str, method: str
-) -> tuple[str, dict[str, dict[str, torch.Tensor]], str]:
+@dataclass
+class StageStart:
+    """Where an ``init_from`` run starts: the checkpoint, its players as the earlier stage left them, the
+    hash of the teacher they were trained with, and the source run's config."""
+
+    directory: str
+    players: dict[str, dict[str, torch.Tensor]]
+    teacher_hash: str
+    config: dict[str, Any]
+
+
+def stage_start(source: str, stages: list[Stage], start: str, method: str) -> StageStart:
     """``init_from``: the checkpoint under ``source`` (a run directory, newest first, or one ``step_*``
-    checkpoint) that ends the stage before ``start``, the players as that stage left them (its selected
-    snapshot when it reloads its best), and the hash of the teacher it was trained with.
+    checkpoint) that ends the stage before ``start``, with the players as that stage left them (its
+    selected snapshot when it reloads its best).
 
     Raises :class:`~rayoodkd.config.ConfigError` naming ``init_from`` when there is no such checkpoint.
     """
@@ -208,7 +217,7 @@ def stage_start(
         if state.get("stage", 0) == index - 1 and previous.done(state["stage_step"], state["stage_epoch"]):
             best = state.get("stage_best")
             players = best["players"] if previous.reload_best and best else state["players"]
-            return directory, players, state["teacher_hash"]
+            return StageStart(directory, players, state["teacher_hash"], state["config"])
     raise ConfigError(
         f"init_from.checkpoint: no intact checkpoint at the end of stage {previous.name!r} under {source} "
         f"(run the stages before {start!r} with stop_after={previous.name})"

@@ -229,12 +229,12 @@ class Worker:
     def _start_from(self, source: str, stage: str) -> None:
         """``init_from``: begin at ``stage`` with the players another run had at the end of the stage
         before it."""
-        directory, players, _ = stage_start(source, self.stages, stage, self.cfg.method)
+        start = stage_start(source, self.stages, stage, self.cfg.method)
         for name, player in self.method.players().items():
-            player.load_state_dict(players[name])
+            player.load_state_dict(start.players[name])
         self.stage_index = [s.name for s in self.stages].index(stage)
         if self.rank == 0:
-            print(f"init_from: starting at stage {stage!r} from {directory}", flush=True)
+            print(f"init_from: starting at stage {stage!r} from {start.directory}", flush=True)
 
     def _payload(self) -> dict[str, Any]:
         own = {
@@ -311,7 +311,8 @@ class Worker:
     def _report(self, metrics: dict[str, float], final: bool) -> None:
         student = self.method.deployable_student()
         val = self.evaluate_on("val", student)
-        val.update(_broadcast(self.method.validate(*self.val), self.world_size))
+        if type(self.method).validate is not Method.validate:
+            val.update(_broadcast(self.method.validate(*self.val), self.world_size))
         if val["top1"] > self.best_val:
             self.best_val, self.best_step = val["top1"], self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
@@ -457,12 +458,17 @@ class Worker:
                     pending.setdefault(key, []).append(value)
                 self.train_seconds += time.perf_counter() - started
                 trained = True
-                if by_epoch and self.epoch_step == self.epoch_steps:
+                epoch_end = by_epoch and self.epoch_step == self.epoch_steps
+                if epoch_end:
                     self.stage_epoch, self.epoch_step, self.epoch_steps = self.stage_epoch + 1, 0, 0
                 stage_end = self._stage_done(stage)
-                if self.step % cfg.log_every == 0 or self.step % cfg.eval.every == 0 or stage_end:
+                if stage.eval_every_epochs is None:
+                    evaluate = self.step % cfg.eval.every == 0 or stage_end
+                else:
+                    evaluate = stage_end or (epoch_end and self.stage_epoch % stage.eval_every_epochs == 0)
+                if self.step % cfg.log_every == 0 or evaluate:
                     metrics = self._log(pending)
-                if self.step % cfg.eval.every == 0 or stage_end:
+                if evaluate:
                     self._report(metrics, final=stage_end and index == last)
             self._leave()
         if not trained:  # relaunched after the end: report the final figures again

@@ -49,7 +49,7 @@ from the student's initial weights instead of stage 1's.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def mask_constraint(mask: Tensor, invariant: float, form: Literal["per_sample", 
 
 
 class AugKDConfig(MethodConfig):
-    """AuG-KD hyper-parameters (defaults: the official README for Office-31, spec §3.4)."""
+    """AuG-KD hyper-parameters (defaults: the official README for Office-31, spec §3.4, except the
+    synthetic batch: 256 per worker here, 2048 in the README)."""
 
     nz: int = Field(100, ge=1, description="latent size d shared by G, E and A")
     ngf: int = Field(64, ge=1, description="generator width (AuG-KD's G = MosaicKD's layout)")
@@ -134,6 +135,7 @@ class AugKDConfig(MethodConfig):
     reproduce_code_bug: bool = Field(False, description="KD from a 2nd student forward (official)")
     official_normalization: bool = Field(False, description="real half unnormalised (official)")
     scan_batch_size: int = Field(512, ge=1)
+    eval_epochs: int = Field(1, ge=1, description="stages 2-3: evaluate (and select) every this many epochs")
     # ablations
     use_anchors: bool = Field(True, description="false: stage 3 mixes G(E(x)) instead of G(A(E(x)))")
     mixup_from_datafree_student: bool = Field(
@@ -190,8 +192,9 @@ class AugKD(Method):
                 select="val/anchor_loss",
                 mode="min",
                 reload_best=True,
+                eval_every_epochs=cfg.eval_epochs,
             ),
-            Stage("mixup", epochs=cfg.mixup_epochs, trains=("student",)),
+            Stage("mixup", epochs=cfg.mixup_epochs, trains=("student",), eval_every_epochs=cfg.eval_epochs),
         ]
 
     def players(self) -> dict[str, nn.Module]:
@@ -218,8 +221,10 @@ class AugKD(Method):
 
     def generator_loss(
         self, z: Tensor, generator: nn.Module, student: nn.Module
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """L_G on latents ``z`` (AuG-KD ``DecoderLoss``: the DAFL/DFQ terms, per-sample means)."""
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """L_G on latents ``z`` (AuG-KD ``DecoderLoss``: the DAFL/DFQ terms, per-sample means), its terms and
+        the images G(z). The teacher softmax is not clipped at 1e-8 as in the official KL: a no-op for
+        these terms' finite values."""
         cfg: AugKDConfig = self.cfg
         with self.ctx.autocast():
             images = generator(z)
@@ -237,8 +242,7 @@ class AugKD(Method):
         loss = (
             cfg.adv * terms["adv"] + cfg.oh * terms["oh"] + cfg.balance * terms["balance"] + cfg.bn * loss_bn
         )
-        self.latest = images[:64].detach()
-        return loss, terms
+        return loss, terms, images
 
     def encoder_loss(self, images: Tensor, z: Tensor, labels: Tensor) -> Tensor:
         """L_E: E inverts G on its own samples — latent reconstruction plus a weak N(0, I) prior."""
@@ -252,10 +256,11 @@ class AugKD(Method):
         self.student.train()
         self.encoder.train()
         with self.ctx.no_sync(self.student):
-            loss_g, terms = self.generator_loss(
+            loss_g, terms, images = self.generator_loss(
                 self.ctx.randn(cfg.batch_size, cfg.nz), self.generator, self.student
             )
             self.ctx.step(loss_g, self.opt_g, "generator")
+        self.latest = images[:64].detach()
         for _ in range(cfg.inner_steps):
             z = self.ctx.randn(cfg.batch_size, cfg.nz)
             with torch.no_grad(), self.ctx.autocast():
@@ -321,10 +326,10 @@ class AugKD(Method):
         return mixup_weight(self.ctx.stage_epoch, cfg.mixup_epochs, cfg.a, cfg.b, cfg.scheduler)
 
     @torch.no_grad()
-    def mix(self, unit: Tensor, labels: Tensor, weight: float) -> Tensor:
-        """x_mix = (1 − s)·G((1 − s)·A(z, y) + s·z) + s·x with z = E(x, y), in [0, 1]."""
+    def mix(self, unit: Tensor, labels: Tensor, weight: float, noise: torch.Generator) -> Tensor:
+        """x_mix = (1 − s)·G((1 − s)·A(z, y) + s·z) + s·x with z = E(x, y), in [0, 1] (``noise``: E's ε)."""
         encoder, anchor, generator = unwrap(self.encoder), unwrap(self.anchor), unwrap(self.generator)
-        z, _, _ = encoder(unit, labels, generator=self.ctx.generator)
+        z, _, _ = encoder(unit, labels, generator=noise)
         anchors = anchor(z, labels)[0] if self.cfg.use_anchors else z
         generated = generator((1 - weight) * anchors + weight * z)
         return (1 - weight) * generated + weight * unit
@@ -336,7 +341,7 @@ class AugKD(Method):
         for module in (self.generator, self.encoder, self.anchor):
             module.eval()
         weight = self.mix_weight()
-        mixed = self.mix(unit, labels, weight)
+        mixed = self.mix(unit, labels, weight, self.ctx.generator)
         real = unit if cfg.official_normalization else batch["image"]
         inputs, targets = torch.cat([real, self.ctx.normalize(mixed)]), torch.cat([labels, labels])
         self.student.train()
@@ -374,7 +379,10 @@ class AugKD(Method):
             lr = cfg.lr / 3 if epoch < cfg.warmup_epochs else cfg.lr
             optimizer = self.opt_mix
             if epoch == 0 and not cfg.mixup_from_datafree_student:
-                unwrap(self.student).load_state_dict(self.initial_student)
+                # rank 0's initial weights (each rank built its student from its own seed; DDP's broadcast
+                # at wrapping time has already happened)
+                initial = {k: self.ctx.broadcast(v) for k, v in self.initial_student.items()}
+                unwrap(self.student).load_state_dict(initial)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.labelled_rows is None:  # the same rows every epoch: scanned once per process
@@ -385,6 +393,14 @@ class AugKD(Method):
             self.labelled_rows = torch.cat(units), torch.cat(labels)
         return data.use_selection("labelled", *self.labelled_rows, epoch), {}
 
+    def extra_state(self) -> dict[str, Any]:
+        """This rank's labelled rows, so that a resumed run's epochs draw from the same rows."""
+        return {} if self.labelled_rows is None else {"labelled_rows": list(self.labelled_rows)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        rows = state.get("labelled_rows")
+        self.labelled_rows = None if rows is None else (rows[0], rows[1])
+
     def train_step(self, data: Streams) -> dict[str, float]:
         if self.ctx.stage == "datafree":
             return self.datafree_step()
@@ -394,7 +410,8 @@ class AugKD(Method):
 
     @torch.no_grad()
     def validate(self, images: Tensor, labels: Tensor) -> dict[str, float]:
-        """Stage 1: G and E losses on a fixed pool of latents; stage 2: L_A on the validation split."""
+        """Stage 1: G and E losses on a fixed pool of latents; stage 2: L_A on the validation split, whose
+        images reach E in [0, 1] as in training (the official selection normalises them, spec §3.5.2)."""
         pool = torch.Generator(device=self.ctx.device).manual_seed(0)
         was_training = {name: unwrap(p).training for name, p in self.players().items()}
         for player in self.players().values():
@@ -418,7 +435,7 @@ class AugKD(Method):
         for _ in range(cfg.validation_batches):
             z = torch.randn(cfg.batch_size, cfg.nz, generator=pool, device=self.ctx.device)
             with torch.enable_grad():  # the BN-statistics hooks record grad-enabled forwards only
-                loss_g, _ = self.generator_loss(z, generator, unwrap(self.student))
+                loss_g, _, _ = self.generator_loss(z, generator, unwrap(self.student))
             losses_g.append(loss_g.item())
             images = generator(z)
             t = self.teacher(self.ctx.normalize(images))
@@ -434,6 +451,7 @@ class AugKD(Method):
         """Stage 1: G(z); stage 3: mixup images of a few real ones at s = 0, 0.25, ..., 1 (a row per s)."""
         if self.ctx.stage == "mixup" and self.latest_real is not None:
             unit, labels = self.latest_real
-            rows = [self.mix(unit, labels, weight) for weight in SAMPLE_MIX_WEIGHTS]
+            noise = torch.Generator(device=self.ctx.device)  # not the training RNG: grids never change a run
+            rows = [self.mix(unit, labels, weight, noise.manual_seed(0)) for weight in SAMPLE_MIX_WEIGHTS]
             return torch.cat(rows).clamp(0, 1).cpu()
         return None if self.latest is None else self.latest.float().clamp(0, 1).cpu()

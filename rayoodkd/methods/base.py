@@ -59,7 +59,9 @@ class Stage:
     wrapped in DDP during the stage; the others stay frozen as they are. At every evaluation the stage's
     ``select`` metric (an evaluation metric such as ``val/top1`` or one of the stage's ``train_step``
     metrics, averaged since the last log) is compared; with ``reload_best`` the snapshot of every player at
-    the best evaluation is reloaded when the stage ends. Metrics of a method with several stages are logged
+    the best evaluation is reloaded when the stage ends. A stage is evaluated every ``eval.every`` steps, or,
+    with ``eval_every_epochs``, at the end of every that many of its epochs (a selection per epoch, as the
+    official AuG-KD code does), and always at its end. Metrics of a method with several stages are logged
     under ``<stage name>/``.
     """
 
@@ -70,10 +72,13 @@ class Stage:
     mode: Literal["max", "min"] = "max"
     reload_best: bool = False
     epochs: int | None = None
+    eval_every_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps <= 0):
             raise ValueError(f"stage {self.name!r}: give its budget as steps > 0 or as epochs, not both")
+        if self.eval_every_epochs is not None and (self.epochs is None or self.eval_every_epochs < 1):
+            raise ValueError(f"stage {self.name!r}: eval_every_epochs needs an epochs budget and >= 1")
 
     def done(self, stage_step: int, stage_epoch: int) -> bool:
         """Whether the stage's budget is spent after ``stage_step`` steps in ``stage_epoch`` full epochs."""
@@ -161,6 +166,13 @@ class RunContext:
             ops = {"sum": ReduceOp.SUM, "min": ReduceOp.MIN, "max": ReduceOp.MAX}
             torch.distributed.all_reduce(total, op=ops[op])
         return total
+
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Rank 0's ``tensor`` (same shape on all ranks), on every rank."""
+        result = tensor.clone()
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.broadcast(result, src=0)
+        return result
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` (same shape on all ranks) stacked in rank order, on every rank."""
