@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from rayoodkd.config import BaseRunConfig, resolve_config
+from rayoodkd.engine.loop import run_worker
+from rayoodkd.engine.session import LocalSession
 from rayoodkd.methods.base import RunContext
 
 
@@ -38,3 +40,25 @@ def ray_run_config(tmp_path: Path, teacher: Path, *overrides: str) -> BaseRunCon
             *overrides,
         ],
     )
+
+
+def digit_blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random 1×28×28 images in [0, 1] with random labels of 10 classes."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+def run_in_process(
+    run_dir: Path, teacher: Path, overrides: list[str], labelled: int, evaluated: int, resume: bool = False
+) -> LocalSession:
+    """The demo preset with ``teacher`` and ``overrides``, run in this process on ``labelled`` random
+    labelled images (val and test: ``evaluated`` each), checkpointing under ``run_dir``."""
+    session = LocalSession(
+        streams={"labelled": digit_blobs(labelled, 1)},
+        eval_sets={"val": digit_blobs(evaluated, 3), "test": digit_blobs(evaluated, 4)},
+        checkpoint_root=run_dir,
+        resume_from=run_dir if resume else None,
+    )
+    cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *overrides])
+    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
+    return session

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import small_context
+from helpers import run_in_process, small_context
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import Tensor, nn
@@ -182,21 +182,8 @@ def test_stage_three_normalises_the_real_half_unless_the_official_mismatch_is_as
         torch.testing.assert_close(seen[official][:16], batch.unit if official else batch.image)
 
 
-def _blobs(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
-
-
 def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> LocalSession:
-    session = LocalSession(
-        streams={"labelled": _blobs(64, 1)},
-        eval_sets={"val": _blobs(32, 3), "test": _blobs(32, 4)},
-        checkpoint_root=run_dir,
-        resume_from=run_dir if resume else None,
-    )
-    cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *TINY, *extra])
-    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
-    return session
+    return run_in_process(run_dir, teacher, [*TINY, *extra], labelled=64, evaluated=32, resume=resume)
 
 
 def _assert_same_players(a: dict, b: dict) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ray_run_config, small_context
+from helpers import ray_run_config, run_in_process, small_context
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
-from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.loop import InjectedFailure
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.launch import launch
 from rayoodkd.methods import METHODS
@@ -38,21 +38,8 @@ STAGED = [
 ]
 
 
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator)
-
-
 def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> LocalSession:
-    session = LocalSession(
-        streams={"labelled": _blobs(128, 1)},
-        eval_sets={"val": _blobs(64, 3), "test": _blobs(64, 4)},
-        checkpoint_root=run_dir,
-        resume_from=run_dir if resume else None,
-    )
-    cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *STAGED, *extra])
-    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
-    return session
+    return run_in_process(run_dir, teacher, [*STAGED, *extra], labelled=128, evaluated=64, resume=resume)
 
 
 def test_epoch_of_a_stream_follows_its_rows_per_rank_and_batch() -> None:
