@@ -244,9 +244,18 @@ class AugKD(Method):
         )
         return loss, terms, images
 
-    def encoder_loss(self, images: Tensor, z: Tensor, labels: Tensor) -> Tensor:
-        """L_E: E inverts G on its own samples — latent reconstruction plus a weak N(0, I) prior."""
-        recon, mu, log_var = self.encoder(images, labels, generator=self.ctx.generator)
+    def encoder_loss(
+        self,
+        images: Tensor,
+        z: Tensor,
+        labels: Tensor,
+        encoder: nn.Module | None = None,
+        noise: torch.Generator | None = None,
+    ) -> Tensor:
+        """L_E: E inverts G on its own samples — latent reconstruction plus a weak N(0, I) prior. ``encoder``
+        (default: the trained one) and ``noise`` (default: the rank's RNG) let validation use its own."""
+        encoder = self.encoder if encoder is None else encoder
+        recon, mu, log_var = encoder(images, labels, generator=noise or self.ctx.generator)
         per_sample = (recon - z).pow(2).sum(1) + self.cfg.kl_prior * gaussian_kl(mu, log_var)
         return per_sample.mean()
 
@@ -439,9 +448,7 @@ class AugKD(Method):
             losses_g.append(loss_g.item())
             images = generator(z)
             t = self.teacher(self.ctx.normalize(images))
-            recon, mu, log_var = encoder(images, t.argmax(1), generator=pool)
-            per_sample = (recon - z).pow(2).sum(1) + cfg.kl_prior * gaussian_kl(mu, log_var)
-            losses_e.append(per_sample.mean().item())
+            losses_e.append(self.encoder_loss(images, z, t.argmax(1), encoder, pool).item())
         return {
             "generator_loss": sum(losses_g) / len(losses_g),
             "encoder_loss": sum(losses_e) / len(losses_e),
