@@ -152,7 +152,7 @@ def test_materialize_builtin_tolerates_a_concurrent_writer(tmp_path, monkeypatch
 def test_corpus_config_validation() -> None:
     cfg = CorpusConfig(source="letters")
     assert cfg.format == "auto" and cfg.labelled and cfg.label_column == "label"
-    assert set(BUILTIN_SOURCES) == {"mnist5k", "uci-digits", "letters", "textures", "hershey"}
+    assert set(BUILTIN_SOURCES) == {"mnist5k", "uci-digits", "letters", "textures", "hershey", "web-digits"}
     with pytest.raises(ValidationError, match=r"format[\s\S]*'auto'.*'image_folder'"):
         CorpusConfig(source="x", format="tfrecord")
     with pytest.raises(ValidationError, match="source: unknown builtin set 'digits'; allowed: mnist5k"):

@@ -17,7 +17,7 @@ from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import DeviceStreams, tensor_source
 from rayoodkd.launch import launch
-from rayoodkd.methods.dfnd import class_adaptive_thresholds, confident_rows
+from rayoodkd.methods.selection import class_adaptive_thresholds, confident_rows
 
 DFND = [
     "method=dfnd",
@@ -31,6 +31,7 @@ DFND = [
     # median keeps about half of the rows.
     "dfnd.p_cutoff=0.1099",
     "dfnd.scan_batch_size=64",
+    "dfnd.eval_every_epochs=null",
 ]
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-BUILTIN_SOURCES: tuple[str, ...] = ("mnist5k", "uci-digits", "letters", "textures", "hershey")
+BUILTIN_SOURCES: tuple[str, ...] = ("mnist5k", "uci-digits", "letters", "textures", "hershey", "web-digits")
 BUILTIN_SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
-GENERATED_SOURCES: tuple[str, ...] = ("letters", "textures", "hershey")
+GENERATED_SOURCES: tuple[str, ...] = ("letters", "textures", "hershey", "web-digits")
 DEFAULT_GENERATED_IMAGES = 20000
 # Bump when the rendering or the on-disk layout changes, so stale caches are not reused.
 FORMAT_VERSION = 2
@@ -35,6 +35,13 @@ HERSHEY_MISSING = (
     f"hershey fonts not found at {HERSHEY_DIR}; install them with: apt-get install -y hershey-fonts-data"
 )
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+SYMBOLS = "!#$%&*+<=>?@^~{}[]/|"
+# web-digits, a stand-in for webly collected images: what share of the corpus each origin takes, and the
+# label that records it. Printed digits keep their class (0-9, the teacher's classes in another style);
+# every other origin gets a negative code, so a selection's precision and recall can be measured.
+WEB_MIX: dict[str, float] = {"digit": 0.25, "letter": 0.30, "symbol": 0.10, "scribble": 0.15, "texture": 0.20}
+WEB_ORIGIN_LABELS: dict[str, int] = {"letter": -1, "symbol": -2, "scribble": -3, "texture": -4}
 TEXTURE_IMAGES: tuple[str, ...] = (
     "brick",
     "grass",
@@ -105,6 +112,8 @@ def builtin_arrays(
         return _render(_letter_image, _letter_fonts(), n, rng, progress, "letters")
     if name == "hershey":
         return _render(_hershey_image, _hershey_glyphs(), n, rng, progress, "hershey")
+    if name == "web-digits":
+        return _web_digits(n, rng, progress)
     return _textures(n, rng, progress)
 
 
@@ -235,11 +244,16 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 
 def _letter_image(choice: tuple[int, str], rng: np.random.Generator) -> np.ndarray:
     label, path = choice
+    return _glyph_image(LETTERS[label], path, rng)
+
+
+def _glyph_image(char: str, path: str, rng: np.random.Generator) -> np.ndarray:
+    """One character of a TTF font, MNIST style (white on black), with random stroke, affine jitter, blur."""
     stroke = int(rng.integers(0, 3))
     glyph = Image.new("L", (96, 96))
     ImageDraw.Draw(glyph).text(
         (48, 48),
-        LETTERS[label],
+        char,
         font=_font(path, 56),
         fill=255,
         anchor="mm",
@@ -345,16 +359,66 @@ def _textures(n: int, rng: np.random.Generator, progress: bool) -> tuple[np.ndar
     sources = _texture_sources()
     images = np.empty((n, _SIZE, _SIZE), dtype=np.uint8)
     for i in _progress(range(n), n, progress, "rendering textures"):
-        src = sources[int(rng.integers(len(sources)))]
-        side = min(src.width, src.height)
-        crop = round(math.exp(rng.uniform(math.log(_SIZE), math.log(side * 0.9))))
-        x0 = int(rng.integers(0, src.width - crop + 1))
-        y0 = int(rng.integers(0, src.height - crop + 1))
-        img = src.resize((_SIZE, _SIZE), Image.Resampling.BILINEAR, box=(x0, y0, x0 + crop, y0 + crop))
-        arr = np.asarray(img)
-        arr = np.rot90(arr, int(rng.integers(4)))
-        images[i] = arr[:, ::-1] if rng.random() < 0.5 else arr
+        images[i] = _texture_image(sources, rng)
     return images, np.full(n, -1, dtype=np.int64)
+
+
+def _texture_image(sources: tuple[Image.Image, ...], rng: np.random.Generator) -> np.ndarray:
+    src = sources[int(rng.integers(len(sources)))]
+    side = min(src.width, src.height)
+    crop = round(math.exp(rng.uniform(math.log(_SIZE), math.log(side * 0.9))))
+    x0 = int(rng.integers(0, src.width - crop + 1))
+    y0 = int(rng.integers(0, src.height - crop + 1))
+    img = src.resize((_SIZE, _SIZE), Image.Resampling.BILINEAR, box=(x0, y0, x0 + crop, y0 + crop))
+    arr = np.rot90(np.asarray(img), int(rng.integers(4)))
+    return arr[:, ::-1] if rng.random() < 0.5 else arr
+
+
+def _scribble_image(rng: np.random.Generator) -> np.ndarray:
+    """One to three smooth random pen strokes (quadratic Bézier chains): handwriting-like, but no digit."""
+    out = 4 * _SIZE
+    canvas = Image.new("L", (out, out))
+    draw = ImageDraw.Draw(canvas)
+    width = int(rng.integers(6, 12))
+    t = np.linspace(0.0, 1.0, 16)[:, None]
+    for _ in range(int(rng.integers(1, 4))):
+        controls = rng.uniform(0.2 * out, 0.8 * out, size=(2 * int(rng.integers(1, 4)) + 1, 2))
+        points = []
+        for k in range(0, len(controls) - 2, 2):
+            a, b, c = controls[k : k + 3]
+            points.extend(map(tuple, (1 - t) ** 2 * a + 2 * (1 - t) * t * b + t**2 * c))
+        draw.line(points, fill=255, width=width, joint="curve")
+    return _finish(canvas, rng)
+
+
+@functools.cache
+def _font_paths() -> list[str]:
+    return sorted({path for _, path in _letter_fonts()})
+
+
+def _web_digits(n: int, rng: np.random.Generator, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A webly-collected stand-in (``WEB_MIX``): printed digits of the teacher's classes among letters,
+    symbols, pen scribbles and photo/texture crops; labels record each image's origin
+    (``WEB_ORIGIN_LABELS``)."""
+    origins = list(WEB_MIX)
+    picks = rng.choice(len(origins), size=n, p=np.asarray(list(WEB_MIX.values())))
+    fonts, textures = _font_paths(), _texture_sources()
+    images = np.empty((n, _SIZE, _SIZE), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    for i in _progress(range(n), n, progress, "rendering web-digits"):
+        origin = origins[picks[i]]
+        if origin == "scribble":
+            images[i] = _scribble_image(rng)
+        elif origin == "texture":
+            images[i] = _texture_image(textures, rng)
+        else:
+            alphabet = {"digit": DIGITS, "letter": LETTERS, "symbol": SYMBOLS}[origin]
+            index = int(rng.integers(len(alphabet)))
+            images[i] = _glyph_image(alphabet[index], fonts[int(rng.integers(len(fonts)))], rng)
+            labels[i] = index if origin == "digit" else WEB_ORIGIN_LABELS[origin]
+            continue
+        labels[i] = WEB_ORIGIN_LABELS[origin]
+    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------- the cache

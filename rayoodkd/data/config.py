@@ -9,13 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS
 
-Format = Literal["auto", "builtin", "image_folder", "parquet", "cifar", "idx", "numpy"]
+Format = Literal["auto", "builtin", "image_folder", "parquet", "cifar", "idx", "numpy", "imagenet_pickle"]
 FORMATS: tuple[str, ...] = Format.__args__
 # Formats whose ``split`` selects part of the source; other formats ignore ``split``.
 SPLITS_BY_FORMAT: dict[str, tuple[str, ...]] = {
     "builtin": BUILTIN_SPLITS,
     "cifar": ("train", "test"),
     "idx": ("train", "test"),
+    "imagenet_pickle": ("train", "val"),
 }
 # Formats made of separate train/test files, one of which ``archive_split`` picks under a hash split.
 ARCHIVE_FORMATS: tuple[str, ...] = ("cifar", "idx")
@@ -46,10 +47,13 @@ class CorpusConfig(BaseModel):
 
     ``format="auto"`` detects: builtin names -> builtin; ``*.parquet``, a glob, or a directory of parquet
     files (or hive partitions) -> parquet; a CIFAR python archive (``.tar.gz``/``.tgz``/``.tar``) or its
-    extracted directory -> cifar; ``*-idx3-ubyte[.gz]`` files or a directory holding them -> idx;
-    ``.npy``/``.npz`` -> numpy; anything else -> image_folder. ``split`` defaults to "train" for builtin,
-    cifar and idx directories. ``num_images`` is how many images a generated builtin set renders, and an
-    upper limit for every other source. With ``labelled=False`` every label is -1.
+    extracted directory -> cifar; ``*-idx3-ubyte[.gz]`` files or a directory holding them -> idx; downsampled
+    ImageNet batches (``train_data_batch_<n>``/``val_data``, pickled or ``.npz``) or a directory holding them,
+    and any other ``*.pkl``/``*.pickle`` file not named like a CIFAR-10 batch (e.g. KD3's ImageNet-32
+    pickle) -> imagenet_pickle; ``.npy``/``.npz`` -> numpy; anything else -> image_folder. ``split``
+    defaults to "train" for builtin, cifar, idx and imagenet_pickle sources. ``num_images`` is how many
+    images a generated builtin set renders, and an upper limit for every other source. With
+    ``labelled=False`` every label is -1.
 
     Hash split, for any source: with ``split_fractions=(train, val, test)`` (each >= 0, summing to 1) the
     source's rows are divided into three disjoint parts and ``split`` (required: train, val or test) picks

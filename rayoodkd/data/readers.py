@@ -6,6 +6,7 @@ import fnmatch
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import posixpath
@@ -36,6 +37,8 @@ _IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$", re.IGNORECASE)
 _CIFAR10_TRAIN = re.compile(r"data_batch_(\d+)$")
 _CIFAR_DIRS = ("cifar-10-batches-py", "cifar-100-python")
 _ARCHIVES = (".tar.gz", ".tgz", ".tar")
+_IMAGENET_BATCH = re.compile(r"(?:train_data_batch_(\d+)|val_data)(?:\.npz)?")
+_PICKLES = (".pkl", ".pickle")
 _BLOCK_ROWS = 4096
 _CLASS_KEY = "__class_key"
 
@@ -69,6 +72,11 @@ def _detect(fs: pafs.FileSystem, path: str) -> str:
             return "parquet"
         if _IDX_IMAGES.search(name):
             return "idx"
+        # A CIFAR-10 batch looks like a downsampled ImageNet one but has 0-based labels.
+        if _IMAGENET_BATCH.fullmatch(name) or (
+            name.endswith(_PICKLES) and not _cifar_dir_kind({posixpath.splitext(name)[0]})
+        ):
+            return "imagenet_pickle"
         if name.endswith((".npy", ".npz")):
             return "numpy"
         return "cifar" if name.endswith(_ARCHIVES) else "image_folder"
@@ -83,6 +91,8 @@ def _detect(fs: pafs.FileSystem, path: str) -> str:
         return "cifar"
     if any(_IDX_IMAGES.search(f) for f in files):
         return "idx"
+    if any(_IMAGENET_BATCH.fullmatch(f) for f in files):
+        return "imagenet_pickle"
     return "image_folder"
 
 
@@ -211,9 +221,9 @@ def load_corpus(
     ``label`` (int64, -1 when unknown) and ``corrupt`` (bool; corrupt images are zeros).
 
     Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of
-    generated sets) and then read like any parquet corpus. CIFAR, IDX and numpy sources are read into the
-    driver's memory, the others are read lazily by Ray Data. Before decoding, the rows are hash split
-    (``cfg.split_fractions``), then capped per class (``cfg.per_class``; see ``CorpusConfig``), and
+    generated sets) and then read like any parquet corpus. CIFAR, IDX, numpy and ImageNet pickle sources are
+    read into the driver's memory, the others are read lazily by Ray Data. Before decoding, the rows are hash
+    split (``cfg.split_fractions``), then capped per class (``cfg.per_class``; see ``CorpusConfig``), and
     ``num_images`` caps what is left.
     """
     if image_size <= 0:
@@ -225,7 +235,7 @@ def load_corpus(
     # Without a hash split or per-class cap the limit is cheapest at the source (a smaller builtin cache,
     # fewer arrays sent from the driver); with one it must wait until after it. A generated set renders
     # num_images.
-    selects = cfg.split_fractions is not None or cfg.per_class is not None
+    selects = _selects_rows(cfg)
     source_limit = cfg.num_images if rendered or not selects else None
     limit = None if rendered else cfg.num_images
     if fmt == "builtin":
@@ -238,7 +248,12 @@ def load_corpus(
     elif fmt == "image_folder":
         ds = _read_image_folder(cfg)
     else:
-        images, labels = {"cifar": _cifar_arrays, "idx": _idx_arrays, "numpy": _numpy_arrays}[fmt](cfg)
+        images, labels = {
+            "cifar": _cifar_arrays,
+            "idx": _idx_arrays,
+            "numpy": _numpy_arrays,
+            "imagenet_pickle": _imagenet_arrays,
+        }[fmt](cfg)
         if len(images) == 0:
             raise ValueError(f"source: {cfg.source} holds no images")
         kept_labels = labels[:source_limit] if labels is not None and cfg.labelled else None
@@ -267,6 +282,11 @@ def load_corpus(
         batch_size=DECODE_BATCH_SIZE,
         udf_modifying_row_count=False,
     )
+
+
+def _selects_rows(cfg: CorpusConfig) -> bool:
+    """Whether a hash split or per-class cap picks the rows, so that ``num_images`` can only cap after it."""
+    return cfg.split_fractions is not None or cfg.per_class is not None
 
 
 def corpus_summary(ds: ray.data.Dataset) -> dict[str, Any]:
@@ -404,12 +424,17 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 class _NumpyUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR batches: only numpy arrays and plain containers, never arbitrary callables."""
+    """Unpickler for CIFAR and ImageNet batches: only numpy arrays and scalars and plain containers, never
+    arbitrary callables."""
 
     _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
         {
             ("numpy.core.multiarray", "_reconstruct"),
             ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy.core.numeric", "_frombuffer"),  # how numpy writes arrays at pickle protocol 5
+            ("numpy._core.numeric", "_frombuffer"),
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
             ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol <= 2
@@ -418,7 +443,7 @@ class _NumpyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch")
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a batch of images")
         return super().find_class(module, name)
 
 
@@ -476,6 +501,84 @@ def _cifar_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray]:
     if not found:
         raise ValueError(f"source: no CIFAR {split!r} batches found in {cfg.source}")
     parts = [_cifar_batch(found[n]) for n in sorted(found, key=_cifar_order)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# --- downsampled ImageNet / KD3 pickles ---------------------------------------------------------------------
+
+
+def _imagenet_images(data: object, path: str) -> np.ndarray:
+    """Channel-planar rows (R, G then B plane of S×S, like CIFAR) as ``[N,S,S,3]``, S from the row length."""
+    rows = np.asarray(data)
+    width = math.prod(rows.shape[1:]) if rows.ndim >= 2 else 0
+    side = math.isqrt(width // 3)
+    if side == 0 or width != 3 * side * side:
+        raise ValueError(
+            f"source: {path}: 'data' of shape {rows.shape} is not N×(3·S·S) S×S RGB images "
+            "(3072 values a row for 32×32, 12288 for 64×64)"
+        )
+    return _to_uint8_images(rows.reshape(-1, 3, side, side).transpose(0, 2, 3, 1), path)
+
+
+def _imagenet_file(data: bytes, path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One downsampled ImageNet batch (pickle or ``.npz``; labels 1..1000 made 0-based) or KD3 pickle."""
+    if data[:4] == b"PK\x03\x04":  # a zip, i.e. an .npz
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            content = {key: npz[key] for key in npz.files}
+    else:
+        content = _NumpyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    if not isinstance(content, dict):
+        raise ValueError(f"source: {path} holds a {type(content).__name__}, not a dict of arrays")
+    if "data" in content and "labels" in content:
+        images, labels, offset = _imagenet_images(content["data"], path), content["labels"], 1
+    else:
+        key = "test" if split == "val" and "val" not in content else split
+        part = content.get(key)
+        if not isinstance(part, dict) or not {"data", "target"} <= part.keys():
+            raise ValueError(
+                f"source: {path} is neither a downsampled ImageNet batch {{'data', 'labels'}} nor a KD3 "
+                f"pickle {{{key!r}: {{'data', 'target'}}}}; it has keys {sorted(map(str, content))}"
+            )
+        images, labels, offset = _imagenet_images(part["data"], path), part["target"], 0
+    labels = np.asarray(labels).astype(np.int64).reshape(-1) - offset
+    if len(labels) != len(images):
+        raise ValueError(f"source: {path} has {len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def _imagenet_batch_files(fs: pafs.FileSystem, path: str, split: str) -> list[str]:
+    """The ``train_data_batch_<n>`` files in numeric order, or ``val_data``, each pickled or ``.npz``."""
+    batches: dict[int, str] = {}
+    # Sorted by name, so a batch's .npz overrides its pickle when a directory holds both.
+    for entry in _listdir(fs, path):
+        match = _IMAGENET_BATCH.fullmatch(entry.base_name)
+        if entry.is_file and match and (match.group(1) is not None) == (split == "train"):
+            batches[int(match.group(1) or 0)] = entry.path
+    if not batches:
+        wanted = "train_data_batch_<n>" if split == "train" else "val_data"
+        raise ValueError(f"source: no {wanted}[.npz] files for split {split!r} in {path}")
+    return [batches[n] for n in sorted(batches)]
+
+
+def _imagenet_arrays(cfg: CorpusConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Downsampled ImageNet (Chrabaszcz et al. 2017: ImageNet-16/32/64) or KD3's ImageNet-32 pickle (HWC).
+
+    A directory is read by ``split``: "train" concatenates ``train_data_batch_1`` … ``_10`` in numeric order,
+    "val" reads ``val_data``; their 1-based labels become 0-based. A single file is read whole: such a batch,
+    or a KD3 pickle ``{'train': {'data', 'target'}, 'val' or 'test': ...}`` of which ``split`` picks the part
+    ("val" falls back to 'test'), its targets kept as given (KD3 ignores them; usually 0-based). S×S comes
+    from the row length. Without a hash split or per-class cap, batches past ``num_images`` rows are not read.
+    """
+    fs, path = filesystem_and_path(cfg.source)
+    split = cfg.source_split or "train"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return _imagenet_file(_read_bytes(fs, path), path, split)
+    limit = None if _selects_rows(cfg) else cfg.num_images
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for file in _imagenet_batch_files(fs, path, split):
+        parts.append(_imagenet_file(_read_bytes(fs, file), file, split))
+        if limit is not None and sum(len(images) for images, _ in parts) >= limit:
+            break
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

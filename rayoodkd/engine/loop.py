@@ -158,7 +158,7 @@ class Worker:
         self.best_val = -1.0
         self.best_step = 0
         self.best_student: dict[str, torch.Tensor] | None = None
-        self.train_seconds = 0.0
+        self.train_seconds = self.epoch_train_seconds = 0.0
         self.images_seen = 0.0
         self.resumed_from = 0
         # Rank 0 picks the checkpoint, so that every rank restores the same step.
@@ -310,6 +310,11 @@ class Worker:
 
     def _report(self, metrics: dict[str, float], final: bool) -> None:
         student = self.method.deployable_student()
+        if self.world_size > 1 and dist.is_initialized():
+            # DDP gives every rank rank 0's buffers (BN running statistics) at its next forward anyway; doing
+            # it now makes the evaluated, selected and checkpointed student the same on every rank.
+            for buffer in student.buffers():
+                dist.broadcast(buffer, src=0)
         val = self.evaluate_on("val", student)
         if type(self.method).validate is not Method.validate:
             val.update(_broadcast(self.method.validate(*self.val), self.world_size))
@@ -425,7 +430,10 @@ class Worker:
     def _begin_epoch(self, stage: Stage, pending: dict[str, list[float]]) -> None:
         """Ask the method for the epoch's selection (and how many steps it fills on every rank)."""
         self.ctx.stage_epoch = self.stage_epoch
+        started = time.perf_counter()
         self.epoch_steps, self.epoch_metrics = self.method.begin_epoch(self.streams, self.stage_epoch)
+        self.epoch_metrics["time/begin_epoch_s"] = time.perf_counter() - started
+        self.epoch_train_seconds = 0.0
         if self.epoch_steps < 1:
             raise RuntimeError(
                 f"{self.cfg.method}: epoch {self.stage_epoch} of stage {stage.name!r} selected less than one "
@@ -457,9 +465,11 @@ class Worker:
                 for key, value in self.method.train_step(self.streams).items():
                     pending.setdefault(key, []).append(value)
                 self.train_seconds += time.perf_counter() - started
+                self.epoch_train_seconds += time.perf_counter() - started
                 trained = True
                 epoch_end = by_epoch and self.epoch_step == self.epoch_steps
                 if epoch_end:
+                    pending.setdefault("time/epoch_train_s", []).append(self.epoch_train_seconds)
                     self.stage_epoch, self.epoch_step, self.epoch_steps = self.stage_epoch + 1, 0, 0
                 stage_end = self._stage_done(stage)
                 if stage.eval_every_epochs is None:

@@ -165,10 +165,13 @@ class DeviceStreams:
         mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in normalizer)
         return (unit - mean) / std
 
-    def scan(self, stream: str, batch_size: int = 512, row_ids: bool = False) -> Iterator[dict[str, Tensor]]:
+    def scan(
+        self, stream: str, batch_size: int = 512, row_ids: bool = False, augment: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
         """This rank's whole share of ``stream`` once, in order, not augmented: batches of ``image``
-        (normalised), ``unit``, ``label`` and, with ``row_ids``, ``row_id`` (a content hash of the image:
-        stable across runs and ranks; identical images share it).
+        (normalised), ``unit``, ``label``; with ``row_ids``, ``row_id`` (a content hash of the image:
+        stable across runs and ranks; identical images share it); with ``augment``, ``augmented`` (the
+        stream's augmentation of ``unit``, normalised: what KD3's official code scores).
 
         Every rank must scan at the same time (Ray Data hands each epoch's blocks to all ranks together)."""
         for batch in self.sources[stream].scan(batch_size):
@@ -176,6 +179,9 @@ class DeviceStreams:
             unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
             labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
             scanned = {"image": self._normalize(stream, unit), "unit": unit, "label": labels}
+            if augment:
+                augmented = augment_batch(unit, self.transforms[stream].augment, self.ctx.generator)
+                scanned["augmented"] = self._normalize(stream, augmented)
             if row_ids:
                 quantised = (unit * 255).round().to(torch.uint8).flatten(1).cpu().numpy()
                 scanned["row_id"] = torch.tensor([_content_id(row.tobytes()) for row in quantised])

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import nn
 
 from rayoodkd.methods.base import Method, MethodConfig, RunContext, Stage, Streams, kd_loss
 from rayoodkd.methods.registry import METHODS
+from rayoodkd.methods.selection import select_confident, selection_metrics
 
 
 class DFNDConfig(MethodConfig):
@@ -33,24 +34,21 @@ class DFNDConfig(MethodConfig):
     p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
     class_adaptive: bool = Field(True, description="FlexMatch per-class thresholds (false: p_cutoff for all)")
     scan_batch_size: int = Field(512, ge=1)
+    eval_every_epochs: int | None = Field(
+        1, ge=1, description="evaluate and checkpoint every this many epochs; null: every eval.every steps"
+    )
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="fixed steps per epoch, cycling the selection (equal-step comparisons); "
+        "null: one pass over the selection (official)",
+    )
     temperature: float = Field(4.0, gt=0)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
     gamma: float = Field(0.1, gt=0, le=1)
-
-
-def class_adaptive_thresholds(counts: Tensor, p_cutoff: float) -> Tensor:
-    """τ_k = p_cutoff · β_k / (2 − β_k) with β_k = N_k / max N (FlexMatch's warped thresholds)."""
-    beta = counts.float() / counts.max().clamp_min(1).float()
-    return p_cutoff * beta / (2 - beta)
-
-
-def confident_rows(probabilities: Tensor, thresholds: Tensor) -> Tensor:
-    """Rows whose top probability exceeds the threshold of their predicted class."""
-    confidence, prediction = probabilities.max(1)
-    return confidence > thresholds[prediction]
 
 
 @METHODS.register("dfnd")
@@ -69,7 +67,7 @@ class DFND(Method):
         self.drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", epochs=self.cfg.epochs)]
+        return [Stage("train", epochs=self.cfg.epochs, eval_every_epochs=self.cfg.eval_every_epochs)]
 
     def players(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -85,23 +83,15 @@ class DFND(Method):
             with self.ctx.autocast():
                 probabilities.append(torch.softmax(self.teacher(batch["image"]).float(), 1))
             units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
-            labels.append(batch["label"].cpu())
-        probs = torch.cat(probabilities)
-        counts = self.ctx.all_reduce(torch.bincount(probs.argmax(1), minlength=self.ctx.num_classes))
-        thresholds = (
-            class_adaptive_thresholds(counts, cfg.p_cutoff)
-            if cfg.class_adaptive
-            else torch.full((self.ctx.num_classes,), cfg.p_cutoff, device=probs.device)
-        )
-        keep = confident_rows(probs, thresholds).cpu()
-        steps = data.use_selection("web", torch.cat(units)[keep], torch.cat(labels)[keep], epoch)
+            labels.append(batch["label"])
+        probs, origins = torch.cat(probabilities), torch.cat(labels)
+        keep, thresholds = select_confident(probs, cfg.p_cutoff, cfg.class_adaptive, self.ctx)
+        selected_steps = data.use_selection("web", torch.cat(units)[keep.cpu()], origins[keep].cpu(), epoch)
         for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
             group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
-        selected, scanned = self.ctx.all_reduce(torch.tensor([keep.sum(), len(keep)], device=probs.device))
+        steps = (cfg.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
         return steps, {
-            "select/size": float(selected),
-            "select/scanned": float(scanned),
-            "select/fraction": float(selected) / max(float(scanned), 1.0),
+            **selection_metrics(keep, probs.argmax(1), origins, self.ctx),
             "select/threshold_min": float(thresholds.min()),
             "select/steps": float(steps),
         }
