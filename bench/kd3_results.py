@@ -72,11 +72,12 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], help="'KEY=V KEY=V': one more run per variant (repeat)"
     )
+    parser.add_argument("--variants-only", action="store_true", help="skip the configs run as they are")
     parser.add_argument("--storage", default=None, help="storage_path of the runs (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="kd3-bench-")
-    combos: list[list[str]] = [[], *(variant.split() for variant in args.variant)]
+    combos = ([] if args.variants_only else [[]]) + [variant.split() for variant in args.variant]
     for sweep in args.sweep:
         key, _, values = sweep.partition("=")
         combos = [[*combo, f"{key}={value}"] for combo in combos for value in values.split(",")]

@@ -17,7 +17,7 @@ from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import DeviceStreams, tensor_source
 from rayoodkd.launch import launch
-from rayoodkd.methods.selection import class_adaptive_thresholds, confident_rows
+from rayoodkd.methods.selection import class_adaptive_thresholds, select_confident
 
 DFND = [
     "method=dfnd",
@@ -60,7 +60,12 @@ def test_class_adaptive_thresholds_and_selection_follow_flexmatch() -> None:
     thresholds = class_adaptive_thresholds(torch.tensor([10, 5, 0]), p_cutoff=0.9)
     torch.testing.assert_close(thresholds, torch.tensor([0.9, 0.9 * 0.5 / 1.5, 0.0]))
     probabilities = torch.tensor([[0.95, 0.05, 0.0], [0.8, 0.2, 0.0], [0.35, 0.65, 0.0], [0.2, 0.1, 0.7]])
-    assert confident_rows(probabilities, thresholds).tolist() == [True, False, True, True]
+    confidence, prediction = probabilities.max(1)
+    ctx = small_context()
+    ctx.num_classes = 3
+    keep, used = select_confident(confidence, prediction, 0.9, class_adaptive=True, ctx=ctx)
+    assert keep.tolist() == [True, False, True, True]
+    torch.testing.assert_close(used, class_adaptive_thresholds(torch.tensor([2, 1, 1]), p_cutoff=0.9))
 
 
 def _web(n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from helpers import ray_run_config, small_context
 from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
-from rayoodkd.config import DataConfig, build_section, resolve_config
+from rayoodkd.config import BaseRunConfig, DataConfig, build_section, resolve_config
 from rayoodkd.data.builtin import WEB_MIX, WEB_ORIGIN_LABELS, builtin_arrays
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.loop import InjectedFailure, run_worker
@@ -290,3 +290,64 @@ def test_two_ranks_select_different_shards_and_log_selection_metrics(
     assert metrics["select/scanned"] == 800
     assert {"select/precision", "select/recall", "select/alpha", "loss/feature_alignment"} <= set(metrics)
     assert metrics["ddp/replicas_identical"] == 1.0
+    _evaluate_scores_the_deployable_student(summary.checkpoint, cfg)
+
+
+def _evaluate_scores_the_deployable_student(checkpoint: Path, cfg: BaseRunConfig) -> None:
+    """``python -m rayoodkd.evaluate`` rebuilds KD3's composite student from a checkpoint and scores it as
+    the backbone → projector → teacher's classifier computed here by hand."""
+    from rayoodkd.evaluate import evaluate_checkpoint
+    from rayoodkd.teacher import load_tensors
+
+    table = evaluate_checkpoint(checkpoint)
+    teacher, info = load_teacher(cfg.teacher.checkpoint)
+    images, labels, _ = load_tensors(cfg.data.test, info.image_size, info.channels, cfg.data.cache_dir)
+    ctx = small_context()
+    ctx.image_size, ctx.channels = info.image_size, info.channels
+    student = build_classifier("lenet5_half", num_classes=10, in_channels=1, image_size=info.image_size)
+    deployable = KD3(teacher.eval(), student, cfg.method_config(), ctx).deployable_student()
+    deployable.load_state_dict(load_state(checkpoint)["players"]["student"])
+    with torch.no_grad():
+        logits = deployable.eval()((images - info.mean[0]) / info.std[0])
+    accuracy = 100 * (logits.argmax(1) == labels).float().mean().item()
+    assert table["final"]["test/top1"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_the_paper_scale_preset_builds_and_runs_a_few_steps_on_fake_data(tmp_path: Path) -> None:
+    """cifar100-kd3-imagenet32: a CIFAR resnet34 teacher of 100 classes and a resnet18 student sharing its
+    classifier; the deployable student carries the projector and the teacher's FC, not its backbone."""
+    from rayoodkd.teacher_io import TeacherInfo, save_teacher
+
+    torch.manual_seed(0)
+    cifar100 = ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))
+    teacher = build_classifier("resnet34", num_classes=100, in_channels=3, image_size=32)
+    teacher_path = save_teacher(
+        tmp_path / "teacher.pt", teacher, TeacherInfo("resnet34", 100, 3, 32, *cifar100)
+    )
+    generator = torch.Generator().manual_seed(0)
+    web = torch.rand(48, 3, 32, 32, generator=generator), torch.full((48,), -1)
+    val = torch.rand(8, 3, 32, 32, generator=generator), torch.randint(0, 100, (8,), generator=generator)
+    session = LocalSession(
+        streams={"web": web}, eval_sets={"val": val, "test": val}, checkpoint_root=tmp_path / "run"
+    )
+    cfg = resolve_config(
+        "cifar100-kd3-imagenet32",
+        [
+            f"teacher.checkpoint={teacher_path}",
+            "use_gpu=false",
+            "data.batch_size=8",
+            "kd3.epochs=1",
+            "kd3.steps_per_epoch=2",
+            "kd3.scan_batch_size=16",
+            "kd3.select=false",  # an untrained teacher is confident about nothing
+        ],
+    )
+    run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+    final = session.reports[-1]
+    assert final["step"] == 2 and "test/top1" in final
+    assert final["select/scanned"] == 48
+    projector = 256 * 512 * 1 + 256 * 256 * 9 + 256 * 512 + 2 * (256 + 256 + 512)  # convs (no bias) + BN
+    assert final["student/extra_parameters"] == projector + 512 * 100 + 100
+    student = load_state(tmp_path / "run" / "step_0000002")["players"]["student"]
+    assert student["head.classifier.fc.weight"].shape == (100, 512)
+    assert not any(key.startswith("head.classifier.layer") for key in student)

@@ -34,7 +34,7 @@ def _write_space(tmp_path: Path, text: str) -> str:
 def test_every_shipped_space_validates(name: str) -> None:
     space, base = load_space(name)
     assert space.name == name and space.metric == "val/top1"
-    assert base["method"] in {"kd_ood", "mosaickd", "tadfkd", "augkd"}
+    assert base["method"] in {"kd_ood", "mosaickd", "tadfkd", "augkd", "kd3"}
 
 
 def test_overrides_go_to_the_space_or_to_every_trial() -> None:

@@ -78,20 +78,24 @@ class DFND(Method):
     @torch.no_grad()
     def begin_epoch(self, data: Streams, epoch: int) -> tuple[int, dict[str, float]]:
         cfg: DFNDConfig = self.cfg
-        units, labels, probabilities = [], [], []
+        units, labels, confidences, predictions = [], [], [], []
         for batch in data.scan("web", cfg.scan_batch_size):
             with self.ctx.autocast():
-                probabilities.append(torch.softmax(self.teacher(batch["image"]).float(), 1))
+                confidence, prediction = torch.softmax(self.teacher(batch["image"]).float(), 1).max(1)
+            confidences.append(confidence)
+            predictions.append(prediction)
             units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
             labels.append(batch["label"])
-        probs, origins = torch.cat(probabilities), torch.cat(labels)
-        keep, thresholds = select_confident(probs, cfg.p_cutoff, cfg.class_adaptive, self.ctx)
+        confidence, prediction, origins = torch.cat(confidences), torch.cat(predictions), torch.cat(labels)
+        keep, thresholds = select_confident(
+            confidence, prediction, cfg.p_cutoff, cfg.class_adaptive, self.ctx
+        )
         selected_steps = data.use_selection("web", torch.cat(units)[keep.cpu()], origins[keep].cpu(), epoch)
         for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
             group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
         steps = (cfg.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
         return steps, {
-            **selection_metrics(keep, probs.argmax(1), origins, self.ctx),
+            **selection_metrics(keep, prediction, origins, self.ctx),
             "select/threshold_min": float(thresholds.min()),
             "select/steps": float(steps),
         }

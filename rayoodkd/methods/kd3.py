@@ -191,30 +191,31 @@ class KD3(Method):
         cfg: KD3Config = self.cfg
         alpha = self.selection_weight(epoch)
         student = unwrap(self.student).eval()
-        units, origins, probabilities = [], [], []
+        units, origins, confidences, predictions = [], [], [], []
         for batch in data.scan("web", cfg.scan_batch_size, augment=cfg.score_augmented):
             images = batch["augmented"] if cfg.score_augmented else batch["image"]
             with self.ctx.autocast():
                 logits = alpha * self.teacher(images).float()
                 if alpha < 1:
                     logits = logits + (1 - alpha) * student(images).float()
-            probabilities.append(torch.softmax(logits, 1))
+            confidence, prediction = torch.softmax(logits, 1).max(1)
+            confidences.append(confidence)
+            predictions.append(prediction)
             units.append((batch["unit"] * 255).round().to(torch.uint8).cpu())
             origins.append(batch["label"])
-        probs, labels = torch.cat(probabilities), torch.cat(origins)
+        confidence, prediction, labels = torch.cat(confidences), torch.cat(predictions), torch.cat(origins)
         if cfg.select:
-            keep, thresholds = select_confident(probs, cfg.p_cutoff, cfg.class_adaptive, self.ctx)
-        else:
-            keep, thresholds = (
-                torch.ones(len(probs), dtype=torch.bool, device=probs.device),
-                probs.new_zeros(1),
+            keep, thresholds = select_confident(
+                confidence, prediction, cfg.p_cutoff, cfg.class_adaptive, self.ctx
             )
+        else:
+            keep, thresholds = torch.ones_like(prediction, dtype=torch.bool), confidence.new_zeros(1)
         selected_steps = data.use_selection("web", torch.cat(units)[keep.cpu()], labels[keep].cpu(), epoch)
         for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
             group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
         steps = (cfg.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
         return steps, {
-            **selection_metrics(keep, probs.argmax(1), labels, self.ctx),
+            **selection_metrics(keep, prediction, labels, self.ctx),
             "select/alpha": alpha,
             "select/threshold_min": float(thresholds.min()),
             "select/steps": float(steps),

@@ -17,23 +17,18 @@ def class_adaptive_thresholds(counts: Tensor, p_cutoff: float) -> Tensor:
     return p_cutoff * beta / (2 - beta)
 
 
-def confident_rows(probabilities: Tensor, thresholds: Tensor) -> Tensor:
-    """Rows whose top probability exceeds the threshold of their predicted class."""
-    confidence, prediction = probabilities.max(1)
-    return confidence > thresholds[prediction]
-
-
 def select_confident(
-    probabilities: Tensor, p_cutoff: float, class_adaptive: bool, ctx: RunContext
+    confidence: Tensor, prediction: Tensor, p_cutoff: float, class_adaptive: bool, ctx: RunContext
 ) -> tuple[Tensor, Tensor]:
-    """``(keep mask, per-class thresholds)``: the thresholds come from the predicted-class counts of every
+    """``(keep mask, per-class thresholds)``: row i is kept iff its top probability ``confidence`` exceeds
+    the threshold of its predicted class. The thresholds come from the predicted-class counts of every
     rank's rows (all-reduced), so all ranks apply the same rule to their own shard."""
     if class_adaptive:
-        counts = ctx.all_reduce(torch.bincount(probabilities.argmax(1), minlength=ctx.num_classes))
+        counts = ctx.all_reduce(torch.bincount(prediction, minlength=ctx.num_classes))
         thresholds = class_adaptive_thresholds(counts, p_cutoff)
     else:
-        thresholds = torch.full((ctx.num_classes,), p_cutoff, device=probabilities.device)
-    return confident_rows(probabilities, thresholds), thresholds
+        thresholds = torch.full((ctx.num_classes,), p_cutoff, device=confidence.device)
+    return confidence > thresholds[prediction], thresholds
 
 
 def selection_metrics(
