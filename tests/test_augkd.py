@@ -258,6 +258,19 @@ def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(
             resolve_config("demo", [f"teacher.checkpoint={bn_teacher}", *TINY, good, "augkd.nz=8"]),
             bn_teacher,
         )
+    # The prefix ended its stages by its own budgets: a run that would give them more still starts from it.
+    longer = resolve_config(
+        "demo",
+        [
+            f"teacher.checkpoint={bn_teacher}",
+            *TINY,
+            good,
+            "augkd.datafree_steps=40",
+            "augkd.anchor_epochs=20",
+        ],
+    )
+    [note] = check_stages(longer, method_stages_of(longer, bn_teacher), end["teacher_hash"])
+    assert "augkd.anchor_epochs, augkd.datafree_steps" in note
     resumed = [f"storage_path={tmp_path}", "run_name=prefix", "init_from={checkpoint: /gone, stage: mixup}"]
     assert check_stages(resolve_config("demo", [*TINY, *resumed]), method_stages, "0" * 64) == []
 

@@ -214,7 +214,11 @@ def stage_start(source: str, stages: list[Stage], start: str, method: str) -> St
         trained_with = state["config"]["method"]
         if trained_with != method:
             raise ConfigError(f"init_from.checkpoint: {directory} is a {trained_with!r} run, not {method!r}")
-        if state.get("stage", 0) == index - 1 and previous.done(state["stage_step"], state["stage_epoch"]):
+        # Whether that run finished the stage by its own budget (older checkpoints: by this run's).
+        done = state.get("stage_done")
+        if done is None:
+            done = previous.done(state["stage_step"], state["stage_epoch"])
+        if state.get("stage", 0) == index - 1 and done:
             best = state.get("stage_best")
             players = best["players"] if previous.reload_best and best else state["players"]
             return StageStart(directory, players, state["teacher_hash"], state["config"])

@@ -248,6 +248,7 @@ class Worker:
             "stage": self.stage_index,
             "stage_step": self.stage_step,
             "stage_epoch": self.stage_epoch,
+            "stage_done": self._stage_done(self.stages[self.stage_index]),
             "epoch_step": self.epoch_step,
             "epoch_steps": self.epoch_steps,
             "epoch_metrics": self.epoch_metrics,
