@@ -49,6 +49,29 @@ def run_one(config: str, overrides: list[str], storage: str) -> dict[str, float]
     }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--variant``, ``--variants-only``, ``--sweep``, ``--storage`` and overrides."""
+    parser.add_argument("--config", action="append", required=True, help="preset name or YAML (repeat)")
+    parser.add_argument(
+        "--sweep", action="append", default=[], help="KEY=V1,V2,...: a run per value (repeat: cross product)"
+    )
+    parser.add_argument(
+        "--variant", action="append", default=[], help="'KEY=V KEY=V': one more run per variant (repeat)"
+    )
+    parser.add_argument("--variants-only", action="store_true", help="skip the configs run as they are")
+    parser.add_argument("--storage", default=None, help="storage_path of the runs (default: a temp dir)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
+
+
+def run_combinations(args: argparse.Namespace) -> list[list[str]]:
+    """The overrides of every run of a config: as is and per variant, times every sweep combination."""
+    combos = ([] if args.variants_only else [[]]) + [variant.split() for variant in args.variant]
+    for sweep in args.sweep:
+        key, _, values = sweep.partition("=")
+        combos = [[*combo, f"{key}={value}"] for combo in combos for value in values.split(",")]
+    return combos
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}"
@@ -59,21 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", action="append", required=True, help="preset name or YAML (repeat)")
-    parser.add_argument(
-        "--sweep", action="append", default=[], help="KEY=V1,V2,...: a run per value (repeat: cross product)"
-    )
-    parser.add_argument(
-        "--variant", action="append", default=[], help="'KEY=V KEY=V': one more run per variant (repeat)"
-    )
-    parser.add_argument("--storage", default=None, help="storage_path of the runs (default: a temp dir)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
+    add_run_arguments(parser)
     args = parser.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="augkd-bench-")
-    combos: list[list[str]] = [[], *(variant.split() for variant in args.variant)]
-    for sweep in args.sweep:
-        key, _, values = sweep.partition("=")
-        combos = [[*combo, f"{key}={value}"] for combo in combos for value in values.split(",")]
+    combos = run_combinations(args)
     rows = []
     for config in args.config:
         for extra in combos:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import defaultdict
 
-from augkd_results import _mean_std
+from augkd_results import _mean_std, add_run_arguments, run_combinations
 
 from rayoodkd.config import resolve_config
 from rayoodkd.launch import launch
@@ -65,22 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", action="append", required=True, help="preset name or YAML (repeat)")
-    parser.add_argument(
-        "--sweep", action="append", default=[], help="KEY=V1,V2,...: a run per value (repeat: cross product)"
-    )
-    parser.add_argument(
-        "--variant", action="append", default=[], help="'KEY=V KEY=V': one more run per variant (repeat)"
-    )
-    parser.add_argument("--variants-only", action="store_true", help="skip the configs run as they are")
-    parser.add_argument("--storage", default=None, help="storage_path of the runs (default: a temp dir)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
+    add_run_arguments(parser)
     args = parser.parse_args()
     storage = args.storage or tempfile.mkdtemp(prefix="kd3-bench-")
-    combos = ([] if args.variants_only else [[]]) + [variant.split() for variant in args.variant]
-    for sweep in args.sweep:
-        key, _, values = sweep.partition("=")
-        combos = [[*combo, f"{key}={value}"] for combo in combos for value in values.split(",")]
+    combos = run_combinations(args)
     rows = []
     for config in args.config:
         for extra in combos:

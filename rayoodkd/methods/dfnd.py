@@ -22,33 +22,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Stage, Streams, kd_loss
+from rayoodkd.methods.base import Method, RunContext, Stage, Streams, kd_loss
 from rayoodkd.methods.registry import METHODS
-from rayoodkd.methods.selection import select_confident, selection_metrics
+from rayoodkd.methods.selection import EpochSelectionConfig, select_confident, selection_metrics
 
 
-class DFNDConfig(MethodConfig):
+class DFNDConfig(EpochSelectionConfig):
     """Teacher-only selection and KD (defaults: KD3's optimiser and threshold, spec §5.4)."""
 
-    epochs: int = Field(240, ge=1, description="epochs, each starting with a selection over the web stream")
-    p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
-    class_adaptive: bool = Field(True, description="FlexMatch per-class thresholds (false: p_cutoff for all)")
-    scan_batch_size: int = Field(512, ge=1)
-    eval_every_epochs: int | None = Field(
-        1, ge=1, description="evaluate and checkpoint every this many epochs; null: every eval.every steps"
-    )
-    steps_per_epoch: int | None = Field(
-        None,
-        ge=1,
-        description="fixed steps per epoch, cycling the selection (equal-step comparisons); "
-        "null: one pass over the selection (official)",
-    )
     temperature: float = Field(4.0, gt=0)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
-    gamma: float = Field(0.1, gt=0, le=1)
 
 
 @METHODS.register("dfnd")
@@ -64,10 +46,9 @@ class DFND(Method):
         self.optimizer = torch.optim.SGD(
             student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", epochs=self.cfg.epochs, eval_every_epochs=self.cfg.eval_every_epochs)]
+        return [self.cfg.stage()]
 
     def players(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -91,9 +72,9 @@ class DFND(Method):
             confidence, prediction, cfg.p_cutoff, cfg.class_adaptive, self.ctx
         )
         selected_steps = data.use_selection("web", torch.cat(units)[keep.cpu()], origins[keep].cpu(), epoch)
-        for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
-            group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
-        steps = (cfg.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(epoch)
+        steps = cfg.epoch_steps(selected_steps)
         return steps, {
             **selection_metrics(keep, prediction, origins, self.ctx),
             "select/threshold_min": float(thresholds.min()),

@@ -35,7 +35,6 @@ from torch import Generator, Tensor, nn
 
 from rayoodkd.methods.base import (
     Method,
-    MethodConfig,
     PlayerOptions,
     RunContext,
     Stage,
@@ -44,28 +43,15 @@ from rayoodkd.methods.base import (
     unwrap,
 )
 from rayoodkd.methods.registry import METHODS
-from rayoodkd.methods.selection import select_confident, selection_metrics
+from rayoodkd.methods.selection import EpochSelectionConfig, select_confident, selection_metrics
 from rayoodkd.models.kd3 import EmbedHead, Projector, SharedClassifierStudent, SharedHead
 
 
-class KD3Config(MethodConfig):
+class KD3Config(EpochSelectionConfig):
     """KD3's hyper-parameters (defaults: the official code, spec §5.4)."""
 
-    epochs: int = Field(240, ge=1, description="epochs, each starting with a selection over the web stream")
-    p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
-    class_adaptive: bool = Field(True, description="FlexMatch per-class thresholds (false: p_cutoff for all)")
     teacher_vote: float = Field(
         0.5, gt=0, le=1, description="fraction M/epochs of the epochs in which α(e) > 0 (official: 120/240)"
-    )
-    scan_batch_size: int = Field(512, ge=1)
-    eval_every_epochs: int | None = Field(
-        1, ge=1, description="evaluate and checkpoint every this many epochs; null: every eval.every steps"
-    )
-    steps_per_epoch: int | None = Field(
-        None,
-        ge=1,
-        description="fixed steps per epoch, cycling the selection (equal-step comparisons); "
-        "null: one pass over the selection (official)",
     )
     score_augmented: bool = Field(False, description="score with the web stream's augmentation (official)")
     projector_factor: int = Field(2, ge=1, description="channel reduction inside the projector")
@@ -73,11 +59,6 @@ class KD3Config(MethodConfig):
     contrastive_temperature: float = Field(0.3, gt=0)
     mix_weight: float = Field(0.001, ge=0, description="λ_mix, the weight of the contrastive loss")
     mix_alpha: float = Field(0.1, gt=0, description="MixDistribution's λ ~ Beta(mix_alpha, mix_alpha)")
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
-    gamma: float = Field(0.1, gt=0, le=1)
     select: bool = Field(True, description="ablation: false trains every epoch on the whole web set")
     student_vote: bool = Field(True, description="ablation: false scores with the teacher alone (α ≡ 1)")
     feature_alignment: bool = Field(True, description="ablation: false aligns logits with KD instead")
@@ -162,11 +143,10 @@ class KD3(Method):
         self.optimizer = torch.optim.SGD(
             trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.drops = [round(fraction * cfg.epochs) for fraction in cfg.milestones]
         self.vote_epochs = max(round(cfg.teacher_vote * cfg.epochs), 1)
 
     def stages(self) -> list[Stage]:
-        return [Stage("train", epochs=self.cfg.epochs, eval_every_epochs=self.cfg.eval_every_epochs)]
+        return [self.cfg.stage()]
 
     def players(self) -> dict[str, nn.Module]:
         return {
@@ -211,9 +191,9 @@ class KD3(Method):
         else:
             keep, thresholds = torch.ones_like(prediction, dtype=torch.bool), confidence.new_zeros(1)
         selected_steps = data.use_selection("web", torch.cat(units)[keep.cpu()], labels[keep].cpu(), epoch)
-        for group in self.optimizer.param_groups:  # a function of the epoch: exact however it is resumed
-            group["lr"] = cfg.lr * cfg.gamma ** sum(epoch >= drop for drop in self.drops)
-        steps = (cfg.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(epoch)
+        steps = cfg.epoch_steps(selected_steps)
         return steps, {
             **selection_metrics(keep, prediction, labels, self.ctx),
             "select/alpha": alpha,

@@ -6,9 +6,47 @@ Every rank scores its own share of the web stream; only per-class counts and a f
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from rayoodkd.methods.base import RunContext
+from rayoodkd.methods.base import MethodConfig, RunContext, Stage
+
+
+class EpochSelectionConfig(MethodConfig):
+    """What the methods that re-select the web stream every epoch share (defaults: KD3's official code,
+    spec §5.4): the selection rule, the epoch budget, and SGD with a step schedule over the epochs."""
+
+    epochs: int = Field(240, ge=1, description="epochs, each starting with a selection over the web stream")
+    p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
+    class_adaptive: bool = Field(True, description="FlexMatch per-class thresholds (false: p_cutoff for all)")
+    scan_batch_size: int = Field(512, ge=1)
+    eval_every_epochs: int | None = Field(
+        1, ge=1, description="evaluate and checkpoint every this many epochs; null: every eval.every steps"
+    )
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="fixed steps per epoch, cycling the selection (equal-step comparisons); "
+        "null: one pass over the selection (official)",
+    )
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    def stage(self) -> Stage:
+        return Stage("train", epochs=self.epochs, eval_every_epochs=self.eval_every_epochs)
+
+    def lr_at(self, epoch: int) -> float:
+        """lr × gamma for every milestone passed: a function of the epoch, exact however a run is resumed."""
+        return self.lr * self.gamma ** sum(
+            epoch >= round(fraction * self.epochs) for fraction in self.milestones
+        )
+
+    def epoch_steps(self, selected_steps: int) -> int:
+        """``steps_per_epoch`` when set, else the selection's batches; 0 when it fills no batch."""
+        return (self.steps_per_epoch or selected_steps) if selected_steps > 0 else 0
 
 
 def class_adaptive_thresholds(counts: Tensor, p_cutoff: float) -> Tensor:
