@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from rayoodkd.config import resolve_config
 from rayoodkd.launch import launch
@@ -72,6 +73,29 @@ def run_combinations(args: argparse.Namespace) -> list[list[str]]:
     return combos
 
 
+def run_all(args: argparse.Namespace, run: Callable[[str, list[str], str], dict], prefix: str) -> list[dict]:
+    """Every config × run combination through ``run(config, overrides, storage)``, one after another:
+    rows of ``{"config", "extra", **figures}``."""
+    storage = args.storage or tempfile.mkdtemp(prefix=prefix)
+    rows = []
+    for config in args.config:
+        for extra in run_combinations(args):
+            print(f"== {config} {' '.join([*args.overrides, *extra])}", flush=True)
+            figures = run(config, [*args.overrides, *extra], storage)
+            print(f"   {json.dumps(figures)}", flush=True)
+            rows.append({"config": config, "extra": extra, **figures})
+    return rows
+
+
+def by_setting(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by config and overrides other than the seed (the runs a mean ± std is taken over)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        label = " ".join([row["config"], *(e for e in row["extra"] if not e.startswith("seed="))])
+        groups[label].append(row)
+    return groups
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}"
@@ -84,15 +108,7 @@ def main() -> None:
     )
     add_run_arguments(parser)
     args = parser.parse_args()
-    storage = args.storage or tempfile.mkdtemp(prefix="augkd-bench-")
-    combos = run_combinations(args)
-    rows = []
-    for config in args.config:
-        for extra in combos:
-            print(f"== {config} {' '.join([*args.overrides, *extra])}", flush=True)
-            figures = run_one(config, [*args.overrides, *extra], storage)
-            print(f"   {json.dumps(figures)}", flush=True)
-            rows.append({"config": config, "extra": extra, **figures})
+    rows = run_all(args, run_one, "augkd-bench-")
     print(
         "\n| config | run | test Acc @ best val | test Acc@3 @ best val | final test Acc | teacher | wall s |"
     )
@@ -102,10 +118,7 @@ def main() -> None:
             f"| {row['config']} | {' '.join(row['extra'])} | {row['acc']:.2f} | {row['acc3']:.2f} "
             f"| {row['final_acc']:.2f} | {row['teacher']:.2f} | {row['wall_seconds']:.0f} |"
         )
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        label = " ".join([row["config"], *(e for e in row["extra"] if not e.startswith("seed="))])
-        groups[label].append(row)
+    groups = by_setting(rows)
     print(
         "\n| config | runs | test Acc @ best val | test Acc@3 @ best val | teacher |\n|---|---|---|---|---|"
     )

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from collections import defaultdict
 
-from augkd_results import _mean_std, add_run_arguments, run_combinations
+from augkd_results import _mean_std, add_run_arguments, by_setting, run_all
 
 from rayoodkd.config import resolve_config
 from rayoodkd.launch import launch
@@ -67,15 +65,7 @@ def main() -> None:
     )
     add_run_arguments(parser)
     args = parser.parse_args()
-    storage = args.storage or tempfile.mkdtemp(prefix="kd3-bench-")
-    combos = run_combinations(args)
-    rows = []
-    for config in args.config:
-        for extra in combos:
-            print(f"== {config} {' '.join([*args.overrides, *extra])}", flush=True)
-            figures = run_one(config, [*args.overrides, *extra], storage)
-            print(f"   {json.dumps(figures)}", flush=True)
-            rows.append({"config": config, "extra": extra, **figures})
+    rows = run_all(args, run_one, "kd3-bench-")
     print(
         "\n| config | run | test top-1 @ best val | final test top-1 | steps | selection s "
         "| epoch train s | wall s |"
@@ -88,10 +78,7 @@ def main() -> None:
             f"| {row['steps']:.0f} | {seconds.get('time/begin_epoch_s', 0):.2f} "
             f"| {seconds.get('time/epoch_train_s', 0):.2f} | {row['wall_seconds']:.0f} |"
         )
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        label = " ".join([row["config"], *(e for e in row["extra"] if not e.startswith("seed="))])
-        groups[label].append(row)
+    groups = by_setting(rows)
     print("\n| config | runs | test top-1 @ best val | final test top-1 |\n|---|---|---|---|")
     for label, members in groups.items():
         print(
