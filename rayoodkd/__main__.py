@@ -1,7 +1,8 @@
-"""``python -m rayoodkd`` is ``python -m rayoodkd.train``."""
+"""``python -m rayoodkd COMMAND ...`` is the ``rayoodkd`` command (``--help`` lists the commands)."""
 
 import sys
 
-from rayoodkd.train import main
+from rayoodkd.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,13 +12,13 @@ run augments exactly as an uninterrupted one:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-AugmentMode = Literal["none", "crop", "crop_flip", "resized_crop_flip"]
+from rayoodkd.config import AugmentMode as AugmentMode  # the modes below, re-exported
+
 RESIZED_CROP_SCALE = (0.08, 1.0)
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 _RESIZED_CROP_TRIES = 10

@@ -26,10 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from rayoodkd.augment import AugmentMode
 from rayoodkd.data.config import CorpusConfig
 
 PRESET_PACKAGE = "rayoodkd.configs"
+# The batch augmentations of rayoodkd.augment (defined here so that the config imports no torch).
+AugmentMode = Literal["none", "crop", "crop_flip", "resized_crop_flip"]
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
@@ -214,10 +215,19 @@ class BaseRunConfig(Section):
     experiment_name: str = "rayoodkd"
     storage_path: str = "./runs"
     run_name: str | None = None
+    registered_model_name: str | None = Field(
+        None, description="also register the best-on-val student in the MLflow model registry under this name"
+    )
     summary_json: str | None = None
     max_failures: int = Field(1, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
+    log_every: int = Field(25, ge=1, description="steps between MLflow logs and console progress lines")
+    system_metrics: bool = Field(
+        True, description="log CPU, memory, disk, network (and GPU) use of rank 0's node to MLflow"
+    )
+    ray_logs: bool = Field(
+        False, description="show Ray's own console output (Ray Data plans, Train reports, worker logs)"
+    )
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     data: DataConfig = DataConfig()

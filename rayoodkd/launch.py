@@ -12,7 +12,6 @@ would mistake for a resumable run (docs/reliability.md).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
+from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
@@ -135,9 +135,10 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
 
 
 def _mlflow_run(
-    cfg: BaseRunConfig, tracking_uri: str, run_name: str, run_dir: str, tags: dict[str, str]
+    cfg: BaseRunConfig, tracking_uri: str, run_name: str, storage: str, tags: dict[str, str]
 ) -> tuple[Tracker, str | None]:
     """The run's MLflow run, and its status before this launch (None for a new run)."""
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
     previous = read_json(f"{run_dir}/{RUN_FILE}")
     if previous is not None:
         tracker = Tracker(tracking_uri, previous["mlflow_run_id"])
@@ -145,7 +146,9 @@ def _mlflow_run(
         tracker.client.update_run(tracker.run_id, status="RUNNING")
         return tracker, status
     tracker = Tracker.create(tracking_uri, cfg.storage_path, cfg.experiment_name, run_name, tags)
-    tracker.log_params(flatten(cfg.model_dump(mode="json", include=_logged_keys(cfg))))
+    params = flatten(cfg.model_dump(mode="json", include=_logged_keys(cfg)))
+    params.update({"run_name": run_name, "storage_path": storage})  # what was used, not the defaults
+    tracker.log_params(params)
     write_json(f"{run_dir}/{RUN_FILE}", {"mlflow_run_id": tracker.run_id, "tracking_uri": tracking_uri})
     return tracker, None
 
@@ -261,12 +264,14 @@ def launch(
     *,
     callbacks: list[Any] | None = None,
     mlflow_tags: dict[str, str] | None = None,
+    console_label: str | None = None,
     log: Any = print,
 ) -> RunSummary:
     """Check, then run ``cfg`` (joining ``RAY_ADDRESS`` or starting a local Ray); summarise it.
 
     Raises :class:`ConfigError` (one line naming the key) for anything wrong with the inputs, before an
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
+    ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
     """
     import ray
     import ray.data
@@ -274,17 +279,24 @@ def launch(
     started = time.perf_counter()
     teacher_path, tracking_uri = preflight(cfg, log)
     _, info = read_teacher(teacher_path)
+    if not cfg.ray_logs:
+        quiet_python_loggers()
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no execution plan per dataset
+        if not cfg.ray_logs:
+            show_only_marked_worker_lines()
+    if not cfg.ray_logs:
+        quiet_python_loggers()  # again: importing Ray Data configures its loggers
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = cfg.ray_logs
     check_cluster_fits(cfg, log)
     run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = ray_storage_path(cfg.storage_path)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
     datasets, corrupt_images, stream_rows = _datasets(cfg, info)
     tags = {"method": cfg.method, **(mlflow_tags or {})}
-    tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, run_dir, tags)
+    tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, storage, tags)
     log(
         f"run {run_name}: {'resuming' if previous_status else 'starting'}; "
         f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
@@ -299,6 +311,7 @@ def launch(
         "mlflow_run_id": tracker.run_id,
         "run_dir": run_dir,
         "stream_rows": stream_rows,
+        "console_label": console_label,
     }
     try:
         if cfg.num_workers == 0:

@@ -5,12 +5,17 @@
     python -m rayoodkd.teacher --show teacher.pt
     python -m rayoodkd.teacher import --weights resnet18.pth --out t.pt arch=torchvision:resnet18 \
         num_classes=1000 image_size=224 channels=3 mean=[0.485,0.456,0.406] std=[0.229,0.224,0.225]
+    python -m rayoodkd.teacher import --weights net.pt --out t.pt arch=my_models:MyNet kwargs.width=64 \
+        num_classes=10 image_size=32 channels=3 mean=[..] std=[..] test.source=/data/cifar10 test.split=test
 
 A teacher checkpoint (``rayoodkd.teacher_io``) holds the architecture, class count, input size and channels,
 the normalisation the teacher was trained with, its validation and test accuracy, the recipe, and a content
 hash of its weights. When a run's config gives no ``teacher.checkpoint``, the recipe is trained once and
 cached under the cache directory, keyed by the recipe. ``import`` wraps a state dict written by another
-project (plain ``state_dict``, or a checkpoint dict holding one under ``state_dict``/``model``).
+project (plain ``state_dict``, or a checkpoint dict holding one under ``state_dict``/``model``) for any
+``arch`` that ``build_classifier`` builds: a registered name, ``torchvision:NAME``, ``timm:NAME`` or the
+user's ``module.path:ClassName``; with ``test.*`` keys (the recipe's corpus keys) it scores the teacher on
+that labelled set and records the top-1/top-5 (docs/teachers.md).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from rayoodkd.augment import augment_batch
@@ -34,8 +40,9 @@ from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.streams import tensor_source
-from rayoodkd.errors import first_line
+from rayoodkd.errors import first_line, one_line
 from rayoodkd.models import build_classifier
+from rayoodkd.models.classifiers.external import BUILD_ARGUMENTS
 from rayoodkd.teacher_io import TeacherInfo, read_teacher, save_teacher
 
 
@@ -149,13 +156,29 @@ def ensure_teacher(teacher: TeacherConfig, cache_dir: str | None = None, log: An
 class ImportSpec(Section):
     """What ``import`` needs to know about foreign weights (they carry no such metadata)."""
 
-    arch: str
+    arch: str = Field(
+        description="a registered name, torchvision:NAME, timm:NAME or module.path:ClassName (your nn.Module)"
+    )
     num_classes: int = Field(ge=2)
     image_size: int = Field(ge=8)
     channels: Literal[1, 3] = 3
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more constructor arguments (kwargs.width=64), recorded in the file"
+    )
+    test: CorpusConfig | None = Field(
+        None, description="a labelled set to score the imported teacher on (test.source=..., test.split=test)"
+    )
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for reserved in BUILD_ARGUMENTS:
+            if reserved in kwargs:
+                key = {"in_channels": "channels"}.get(reserved, reserved)
+                raise ValueError(f"{reserved} is set by the key {key}=...; remove kwargs.{reserved}")
+        return kwargs
 
 
 def _foreign_state_dict(path: Path) -> dict[str, Tensor]:
@@ -172,8 +195,70 @@ def _foreign_state_dict(path: Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in payload.items()}
 
 
-def import_teacher(weights: str | Path, out: str | Path, spec: ImportSpec) -> TeacherInfo:
-    """Wrap a foreign state dict as a rayoodkd teacher; every key must match the architecture."""
+def _state_dict_mismatch(error: RuntimeError, model: nn.Module) -> str:
+    """``load_state_dict``'s multi-line error as one line, in the keys of the weights file."""
+    source_key = getattr(model, "source_key", lambda key: key)
+    parts = []
+    for line in str(error).splitlines()[1:]:
+        line = line.strip()
+        keys = [source_key(k) for k in re.findall(r'"([^"]+)"', line)]
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            what = "missing" if line.startswith("Missing") else "unexpected"
+            more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{what} keys {', '.join(keys[:3])}{more}")
+        elif line.startswith("size mismatch for "):
+            name, _, detail = line.removeprefix("size mismatch for ").partition(": ")
+            shapes = re.findall(r"torch\.Size\(\[[^\]]*\]\)", detail)
+            have = f" (file {shapes[0]}, arch {shapes[1]})" if len(shapes) == 2 else ""
+            parts.append(f"shape of {source_key(name)}{have}")
+    return "; ".join(parts) or first_line(error, 300)
+
+
+def _check_logits(model: nn.Module, spec: ImportSpec) -> None:
+    size = f"{spec.channels}x{spec.image_size}x{spec.image_size}"
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(2, spec.channels, spec.image_size, spec.image_size))
+    except Exception as error:  # the network's own forward: any failure is one line
+        raise ConfigError(f"arch: {spec.arch} fails on a {size} input: {one_line(error, 200)}") from None
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (2, spec.num_classes):
+        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"num_classes: arch={spec.arch} maps 2 images of {size} to {shape}, not [2, {spec.num_classes}] "
+            "(logits of num_classes classes)"
+        )
+
+
+def score_teacher(
+    model: nn.Module, info: TeacherInfo, corpus: CorpusConfig, cache_dir: str | None = None, key: str = "test"
+) -> tuple[dict[str, float], int]:
+    """Top-1/top-5 (%) of ``model`` on a labelled corpus (as ``test``/``test_top5``) and its size; the
+    corpus is read as the teacher sees it (``info``'s size, channels and normaliser). Any problem with the
+    corpus is one :class:`ConfigError` line naming ``key``."""
+    try:
+        images, labels, _ = load_tensors(corpus, info.image_size, info.channels, cache_dir)
+    except (FileNotFoundError, ValueError) as error:
+        message = first_line(error, 300)
+        raise ConfigError(
+            f"{key}.{message}" if re.match(r"\w+: ", message) else f"{key}: {message}"
+        ) from None
+    if int(labels.min()) < 0 or int(labels.max()) >= info.num_classes:
+        raise ConfigError(
+            f"{key}: labels must lie in 0..{info.num_classes - 1} "
+            f"(found {int(labels.min())}..{int(labels.max())})"
+        )
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    scores = evaluate(model, (images - mean) / std, labels)
+    return {"test": scores["top1"], "test_top5": scores["top5"]}, len(labels)
+
+
+def import_teacher(
+    weights: str | Path, out: str | Path, spec: ImportSpec, cache_dir: str | None = None
+) -> TeacherInfo:
+    """Wrap a foreign state dict as a rayoodkd teacher; every key must match the architecture, and the
+    network must map ``channels``x``image_size``² images to ``num_classes`` logits. With ``spec.test`` the
+    teacher is scored on that labelled set and its accuracy recorded."""
     if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
         raise ConfigError(f"mean/std: need {spec.channels} values each (channels={spec.channels})")
     try:
@@ -185,15 +270,19 @@ def import_teacher(weights: str | Path, out: str | Path, spec: ImportSpec) -> Te
             **spec.kwargs,
         )
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"arch: {error}") from None
+        raise ConfigError(f"arch: {first_line(error, 400)}") from None
     try:
         model.load_state_dict(_foreign_state_dict(Path(weights).expanduser()))
     except RuntimeError as error:
         raise ConfigError(
-            f"--weights: the state dict does not fit arch={spec.arch}: {first_line(error, 300)}"
+            f"--weights: the state dict does not fit arch={spec.arch}: {_state_dict_mismatch(error, model)}"
         ) from None
+    _check_logits(model, spec)
     info = TeacherInfo(spec.arch, spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
     info.recipe, info.kwargs = {"imported_from": str(weights)}, dict(spec.kwargs)
+    if spec.test is not None:
+        info.accuracy, info.recipe["test_images"] = score_teacher(model, info, spec.test, cache_dir)
+        info.recipe["test"] = spec.test.model_dump(mode="json", exclude_defaults=True)
     save_teacher(out, model, info)
     return info
 
@@ -202,18 +291,29 @@ def _import_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rayoodkd.teacher import",
         description="Wrap a state dict from another project as a rayoodkd teacher checkpoint. "
-        "KEY=VALUE keys: " + ", ".join(ImportSpec.model_fields),
+        "KEY=VALUE keys: " + ", ".join(ImportSpec.model_fields) + ". arch: a registered name, "
+        "torchvision:NAME, timm:NAME (pip install timm) or module.path:ClassName (your nn.Module, importable "
+        "from the current directory or PYTHONPATH; built with kwargs.*, plus num_classes/in_channels/"
+        "image_size where its signature names them). test.source=... test.split=...: score it on a "
+        "labelled set (CorpusConfig keys, as the training recipe's test.*). See docs/teachers.md.",
     )
     parser.add_argument("spec", nargs="*", metavar="KEY=VALUE", help="e.g. arch=resnet18 num_classes=10")
     parser.add_argument("--weights", required=True, help="the foreign .pth/.pt file")
     parser.add_argument("--out", required=True, help="where to write the teacher checkpoint")
+    parser.add_argument(
+        "--cache-dir", help="corpus cache for test.* (default $RAYOODKD_CACHE or ~/.cache/rayoodkd)"
+    )
     args = parser.parse_args(argv)
     from rayoodkd.config import build_section
 
     spec = build_section(ImportSpec, apply_overrides({}, args.spec), "")
-    info = import_teacher(args.weights, args.out, spec)
+    info = import_teacher(args.weights, args.out, spec, args.cache_dir)
     shape = f"{info.num_classes} classes, {info.channels}x{info.image_size}x{info.image_size}"
-    print(f"teacher: imported {info.arch} ({shape}) -> {args.out}")
+    scored = ""
+    if "test" in info.accuracy:
+        test = spec.test.source + (f" ({spec.test.split})" if spec.test.split else "")
+        scored = f", test top-1 {info.accuracy['test']:.2f}% on {info.recipe['test_images']} images of {test}"
+    print(f"teacher: imported {info.arch} ({shape}{scored}) -> {args.out}")
     return 0
 
 

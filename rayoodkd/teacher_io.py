@@ -17,13 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from rayoodkd.engine.checkpoint import state_dict_hash
-from rayoodkd.errors import one_line
+from rayoodkd.errors import first_line, one_line
 from rayoodkd.models import build_classifier
 
 FORMAT = "rayoodkd.teacher/1"
 IMPORT_HINT = (
     "to use weights from another project, import them once: python -m rayoodkd.teacher import "
-    "--weights FILE --out teacher.pt arch=NAME num_classes=N image_size=PX channels=C mean=[..] std=[..]"
+    "--weights FILE --out teacher.pt arch=NAME|torchvision:NAME|timm:NAME|module.path:Class "
+    "num_classes=N image_size=PX channels=C mean=[..] std=[..] (docs/teachers.md)"
 )
 
 
@@ -91,15 +92,26 @@ def read_teacher(path: str | Path, key: str = "teacher.checkpoint") -> tuple[dic
     return state_dict, info
 
 
-def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, TeacherInfo]:
-    """A frozen teacher in eval mode on ``device``, and what its checkpoint says about it."""
-    state_dict, info = read_teacher(path)
-    model = build_classifier(
-        info.arch,
-        num_classes=info.num_classes,
-        in_channels=info.channels,
-        image_size=info.image_size,
-        **info.kwargs,
-    )
+def load_teacher(
+    path: str | Path, device: torch.device | str = "cpu", key: str = "teacher.checkpoint"
+) -> tuple[nn.Module, TeacherInfo]:
+    """A frozen teacher in eval mode on ``device``, and what its checkpoint says about it.
+
+    The network is rebuilt from the recorded ``arch`` (and ``kwargs``); a ``timm:`` or ``module.path:Class``
+    arch needs timm or that module importable here, in every Ray worker too (else one
+    :class:`TeacherFileError` line naming ``key``, the file and the module)."""
+    state_dict, info = read_teacher(path, key)
+    try:
+        model = build_classifier(
+            info.arch,
+            num_classes=info.num_classes,
+            in_channels=info.channels,
+            image_size=info.image_size,
+            **info.kwargs,
+        )
+    except (ValueError, TypeError) as error:
+        raise TeacherFileError(
+            f"{key}: {path} records arch={info.arch}, which does not build here: {first_line(error, 400)}"
+        ) from None
     model.load_state_dict(state_dict)
     return model.to(device).eval().requires_grad_(False), info

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayoodkd.config import ConfigError, preset_names, resolve_config, run_config_model, to_yaml
-from rayoodkd.teacher_io import TeacherFileError
+from rayoodkd.catalog import METHOD_NAMES, TOP_LEVEL_KEYS
+from rayoodkd.config import ConfigError, preset_names, resolve_config, to_yaml
 
 EPILOG = """\
 top-level keys: {keys}
@@ -28,19 +28,13 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from rayoodkd.methods import METHODS
-
-    model = run_config_model()
-    keys = [
-        k
-        for k in model.model_fields
-        if k not in METHODS.names() and k not in ("teacher", "student", "data", "eval", "resources", "debug")
-    ]
+    # The names come from rayoodkd.catalog, not from METHODS and the run-config model: those import torch,
+    # and --help should answer at once (tests/test_packaging.py keeps the two in step).
     parser = argparse.ArgumentParser(
         prog="python -m rayoodkd.train",
         description="Distil a teacher into a student on Ray Train (DDP over N workers), logging to MLflow.",
         epilog=EPILOG.format(
-            keys=", ".join(keys), methods=", ".join(METHODS.names()), presets=", ".join(preset_names())
+            keys=", ".join(TOP_LEVEL_KEYS), methods=", ".join(METHOD_NAMES), presets=", ".join(preset_names())
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from rayoodkd.teacher_io import TeacherFileError  # imports torch: not needed for --help
+
     try:
         cfg = resolve_config(args.config, args.overrides)
         if args.print_config:

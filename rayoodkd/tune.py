@@ -1,9 +1,10 @@
 """``python -m rayoodkd.tune``: hyperparameter sweeps with Ray Tune and ASHA, one MLflow child run per trial.
 
-A *tune space* YAML (``tune_spaces/*.yaml``) names a base preset, fixed overrides, a search space over any
-run-config key, the metric, the ASHA settings and what every trial may use. Each trial is a full rayoodkd run
-(its own TorchTrainer with 1..N workers, launched from a Tune function trainable, the Ray Train V2 pattern of
-spec/ray.md §3.1) that reports validation metrics at every evaluation, so ASHA can stop it early.
+A *tune space* YAML (the package ships some in ``rayoodkd/tune_spaces/``) names a base preset, fixed
+overrides, a search space over any run-config key, the metric, the ASHA settings and what every trial may
+use. Each trial is a full rayoodkd run (its own TorchTrainer with 1..N workers, launched from a Tune function
+trainable, the Ray Train V2 pattern of spec/ray.md §3.1) that reports validation metrics at every
+evaluation, so ASHA can stop it early.
 
 Layout under ``<storage_path>/<name>/``: ``sweep.json`` (the resolved space and the parent MLflow run),
 ``tune/`` (Tune's experiment, what ``--resume`` restores) and ``trials/`` (one Train run per trial, named
@@ -41,9 +42,9 @@ from rayoodkd.config import (
     to_yaml,
 )
 from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
-from rayoodkd.teacher_io import TeacherFileError
 
-SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+# The spaces shipped with the package (package data); ``--space NAME`` also looks in ./tune_spaces first.
+SPACE_DIR = Path(__file__).resolve().parent / "tune_spaces"
 SWEEP_FILE = "sweep.json"
 # What each search-space kind takes: ``{kind: [args]}`` in the YAML (``{grid: [2, 4, 8]}``).
 DOMAIN_ARITY = {
@@ -167,7 +168,7 @@ def _representatives(domain: dict[str, Any]) -> list[Any]:
 
 
 def find_space(ref: str) -> Path:
-    """A space file: a path, or a name in ``./tune_spaces`` or the repository's ``tune_spaces``."""
+    """A space file: a path, or a name in ``./tune_spaces`` (of the working directory) or a shipped space."""
     path = Path(ref)
     if path.is_file():
         return path
@@ -287,6 +288,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str,
             "sampled": sampled,
             **({"init_from": data["init_from"]["checkpoint"]} if data.get("init_from") else {}),
         },
+        console_label=f"trial {trial_id}",
     )
 
 
@@ -705,7 +707,7 @@ shipped spaces: {shipped}
 
 examples:
   python -m rayoodkd.tune --space smoke
-  python -m rayoodkd.tune --space tune_spaces/mosaickd-patch.yaml num_samples=2 --output sweeps/patch
+  python -m rayoodkd.tune --space my-patch.yaml num_samples=2 --output sweeps/patch
   python -m rayoodkd.tune --space mosaickd-patch --resume          # continue an interrupted sweep
   python -m rayoodkd.tune --space augkd-mixup start_stage=null     # every trial runs every stage
   python -m rayoodkd.train --config sweeps/patch/best.yaml         # run the winner
@@ -734,6 +736,8 @@ examples:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from rayoodkd.teacher_io import TeacherFileError  # imports torch: not needed for --help
+
     try:
         space, base = load_space(args.space, args.overrides)
         if args.print_space:

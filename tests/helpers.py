@@ -62,3 +62,13 @@ def run_in_process(
     cfg = resolve_config("demo", [f"teacher.checkpoint={teacher}", *overrides])
     run_worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher)}, session)
     return session
+
+
+def logged_images(client: object, run_id: str, key: str) -> dict[int, str]:
+    """``{step: artifact path}`` of the images a run logged under ``key`` with ``MlflowClient.log_image``."""
+    prefix = f"images/{key}+step+"
+    found = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        if artifact.path.startswith(prefix) and artifact.path.endswith(".png"):
+            found[int(artifact.path[len(prefix) :].split("+")[0])] = artifact.path
+    return found

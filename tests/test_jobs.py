@@ -54,6 +54,7 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
         "data.batch_size=32",
         "max_steps=6",
         "eval.every=3",
+        "log_every=2",
         "run_name=job",
     ]
     try:
@@ -69,7 +70,8 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
             timeout=600,
         )
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in (job.stdout + job.stderr).lower()
+        output = job.stdout + job.stderr
+        assert "succeeded" in output.lower()
     finally:
         subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, capture_output=True, text=True, timeout=120)
     summary = json.loads(summary_path.read_text())
@@ -77,3 +79,9 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert "val/top1" in run.data.metrics
+    # The console: rayoodkd's progress line every log_every steps and at every evaluation, not Ray's chatter.
+    progress = [line for line in output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/6", "3/6", "4/6", "6/6"], output[-4000:]
+    assert all("img/s" in line for line in progress)
+    for noise in ("Execution plan", "TrainingReport", "Reporting training result", "(RayTrainWorker"):
+        assert noise not in output, noise

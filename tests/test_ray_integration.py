@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import logged_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -72,8 +73,8 @@ def test_two_worker_ddp_run_logs_to_mlflow(tmp_path: Path, tiny_teacher: Path, r
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["ddp/replicas_identical"] == 1.0
-    assert run.data.metrics["student/changed_from_init"] == 1.0
+    assert run.data.tags["ddp/replicas_identical"] == "true"
+    assert run.data.tags["student/changed_from_init"] == "true"
     assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, "val/top1")] == [4, 8, 12]
     assert len(client.get_metric_history(summary.mlflow_run_id, "loss/kd")) == 6
     assert run.data.params["method"] == "kd_ood"
@@ -133,7 +134,7 @@ def _launch_tiny_method(
     client = MlflowClient(summary.tracking_uri)
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["ddp/replicas_identical"] == 1.0
+    assert run.data.tags["ddp/replicas_identical"] == "true"
     return client, run
 
 
@@ -144,15 +145,15 @@ def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Pat
     assert run.data.metrics["d/receptive_field"] == 8.0
     for key in ("loss/d", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
         assert len(client.get_metric_history(run_id, key)) == 4, key
-    grids = {a.path for a in client.list_artifacts(run_id, "samples")}
-    assert grids == {"samples/step_0000002.png", "samples/step_0000004.png"}
-    grid = client.download_artifacts(run_id, "samples/step_0000004.png", str(tmp_path))
+    grids = logged_images(client, run_id, "samples")
+    assert set(grids) == {2, 4}
+    grid = client.download_artifacts(run_id, grids[4], str(tmp_path))
     assert Image.open(grid).size[0] > 28  # a grid of generated images, not one image
 
 
 def test_two_worker_tadfkd_writes_the_summary(tmp_path: Path, bn_teacher: Path, ray_local) -> None:
     tadfkd = {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 1, "max_draws": 4}
     client, run = _launch_tiny_method(tmp_path, bn_teacher, "tadfkd", tadfkd, **{"data.ood": "null"})
-    assert run.data.metrics["student/changed_from_init"] == 1.0
+    assert run.data.tags["student/changed_from_init"] == "true"
     assert 0.0 < run.data.metrics["select/fraction"] <= 1.0
-    assert len(client.list_artifacts(run.info.run_id, "samples")) == 2
+    assert set(logged_images(client, run.info.run_id, "samples")) == {2, 4}

@@ -206,7 +206,7 @@ max_concurrent_trials: 1
     )
     shared = [run for run in children if run.data.tags["trial_id"] == "shared"]
     assert len(shared) == 1 and shared[0].data.params["stop_after"] == "anchor"
-    assert shared[0].data.metrics["step"] == 5  # 2 data-free steps, 1 anchor epoch of 3 batches of 32
+    assert shared[0].data.tags["step"] == "5"  # 2 data-free steps, 1 anchor epoch of 3 batches of 32
     trials = [run for run in children if run.data.tags["trial_id"] != "shared"]
     assert len(trials) == 2
     for trial in trials:

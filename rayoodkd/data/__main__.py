@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
-import pyarrow.fs as pafs
-import ray.data
 from pydantic import ValidationError
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS, encode_png
 from rayoodkd.data.config import FORMATS, CorpusConfig
-from rayoodkd.data.readers import (
-    class_names_of,
-    corpus_summary,
-    filesystem_and_path,
-    load_corpus,
-    resolve_format,
-)
+
+if TYPE_CHECKING:  # Ray (rayoodkd.data.readers) is imported when a command runs, so --help answers at once
+    import ray.data
 
 _EPILOG = f"""\
 SOURCE is a builtin set ({", ".join(BUILTIN_SOURCES)})
@@ -177,6 +171,10 @@ def _drop_corrupt(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _materialize(ds: ray.data.Dataset, args: argparse.Namespace) -> None:
+    import pyarrow.fs as pafs
+
+    from rayoodkd.data.readers import corpus_summary, filesystem_and_path
+
     encoded = ds.map_batches(_encode_batch, batch_format="numpy").materialize()
     summary = corpus_summary(encoded)
     kept = summary["rows"] - summary["corrupt"]
@@ -191,6 +189,8 @@ def _materialize(ds: ray.data.Dataset, args: argparse.Namespace) -> None:
 
 
 def _inspect(ds: ray.data.Dataset, cfg: CorpusConfig, fmt: str) -> None:
+    from rayoodkd.data.readers import class_names_of, corpus_summary
+
     summary = corpus_summary(ds)
     names = class_names_of(cfg) or []
     print(f"source: {cfg.source} (format {fmt})")
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (bad arguments exit with 2 and a one-line message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rayoodkd.data.readers import load_corpus, resolve_format
+
     try:
         cfg = CorpusConfig(
             source=args.source,

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rayoodkd.config import BaseRunConfig, build_config
+from rayoodkd.console import format_duration
+from rayoodkd.deploy import STUDENT, STUDENT_BEST_VAL, deployed, log_deployed
 from rayoodkd.engine.checkpoint import (
     ResumePoint,
     load_state,
@@ -40,6 +42,18 @@ from rayoodkd.teacher_io import TeacherInfo, load_teacher
 THROUGHPUT_KEY = "throughput/images_per_second"
 FAULT_MARKER = "debug_fault_fired.json"
 BOOKKEEPING = frozenset({THROUGHPUT_KEY, "data/corrupt_skipped"})  # never under a stage's name
+# Reported to Ray Train with every evaluation, but in MLflow these are the run's state, not curves: tags.
+RUN_STATE = (
+    "ddp/replicas_identical",
+    "student/changed_from_init",
+    "best_val/step",
+    "resumed_from_step",
+    "stage",
+    "teacher/test_top1",
+    "train_seconds",
+    "data/corrupt_skipped",
+    "step",
+)
 
 
 class InjectedFailure(RuntimeError):
@@ -131,6 +145,7 @@ class Worker:
     def __init__(self, loop_config: dict[str, Any], session: Session) -> None:
         self.cfg: BaseRunConfig = build_config(loop_config["config"])
         self.session = session
+        self.console_label = loop_config.get("console_label")
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
         self.teacher, self.teacher_info = load_teacher(loop_config["teacher_path"], self.device)
         self.generator = _seed_rank(self.cfg.seed, self.rank, self.device)
@@ -161,15 +176,16 @@ class Worker:
         self.train_seconds = self.epoch_train_seconds = 0.0
         self.images_seen = 0.0
         self.resumed_from = 0
+        self.last_val: float | None = None
+        self.stage_clock = (time.perf_counter(), 0.0)  # (when, stage fraction then): the ETA's origin
         # Rank 0 picks the checkpoint, so that every rank restores the same step.
         point = session.resume_point() if self.rank == 0 else ResumePoint()
         directory = _broadcast(point.directory, self.world_size)
         state = point.state if self.rank == 0 or directory is None else load_state(directory)
-        if self.rank == 0:
-            for skipped, reason in point.skipped:
-                print(f"resume: skipped checkpoint {skipped}: {reason}", flush=True)
-            if directory and point.skipped:
-                print(f"resume: resuming from {directory}", flush=True)
+        for skipped, reason in point.skipped:
+            self.say(f"resume: skipped checkpoint {skipped}: {reason}")
+        if directory and point.skipped:
+            self.say(f"resume: resuming from {directory}")
         if state is not None:
             self._restore(state)
         elif self.cfg.init_from is not None:
@@ -233,8 +249,13 @@ class Worker:
         for name, player in self.method.players().items():
             player.load_state_dict(start.players[name])
         self.stage_index = [s.name for s in self.stages].index(stage)
+        self.say(f"init_from: starting at stage {stage!r} from {start.directory}")
+
+    def say(self, text: str) -> None:
+        """One line on the run's console, from rank 0."""
         if self.rank == 0:
-            print(f"init_from: starting at stage {stage!r} from {start.directory}", flush=True)
+            label = f"{self.console_label}: " if self.console_label else ""
+            print(f"{self.session.console_prefix}{label}{text}", flush=True)
 
     def _payload(self) -> dict[str, Any]:
         own = {
@@ -284,9 +305,45 @@ class Worker:
             THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9),
         }
         if self.tracker is not None and self.step > self.logged_through:
-            self.tracker.log_metrics({**self._in_stage(metrics), **bookkeeping}, self.step)
+            self.tracker.log_metrics(
+                {**self._in_stage(metrics), THROUGHPUT_KEY: bookkeeping[THROUGHPUT_KEY]}, self.step
+            )
         pending.clear()
         return {**metrics, **bookkeeping}
+
+    def _stage_fraction(self) -> float:
+        stage = self.stages[self.stage_index]
+        if stage.epochs is None:
+            return self.stage_step / stage.steps
+        within = self.epoch_step / self.epoch_steps if self.epoch_steps else 0.0
+        return (self.stage_epoch + within) / stage.epochs
+
+    def _progress(self, metrics: dict[str, float]) -> None:
+        """The console's progress line: where the run is, its losses, the latest val top-1, img/s, ETA."""
+        if self.rank != 0:
+            return
+        stage = self.stages[self.stage_index]
+        if stage.epochs is None:
+            where = f"step {self.stage_step}/{stage.steps}"
+        else:
+            epoch = min(self.stage_epoch + (self.epoch_steps > 0), stage.epochs)
+            where = f"epoch {epoch}/{stage.epochs} (step {self.step})"
+        if len(self.stages) > 1:
+            where = f"{stage.name} [{self.stage_index + 1}/{len(self.stages)}] {where}"
+        fraction = self._stage_fraction()
+        losses = sorted((k for k in metrics if k.startswith("loss/")), key=lambda k: k != "loss/total")[:4]
+        parts = [f"{where} {100 * fraction:3.0f}%"]
+        parts += [f"{key.removeprefix('loss/')} {metrics[key]:.4g}" for key in losses]
+        if self.last_val is not None:
+            parts.append(f"val {self.last_val:.2f} (best {self.best_val:.2f} @{self.best_step})")
+        if THROUGHPUT_KEY in metrics:
+            parts.append(f"{metrics[THROUGHPUT_KEY]:,.0f} img/s")
+        clock_time, clock_fraction = self.stage_clock
+        rate = (fraction - clock_fraction) / max(time.perf_counter() - clock_time, 1e-9)
+        if 0 < fraction < 1 and rate > 0:
+            label = "ETA" if len(self.stages) == 1 else "stage ETA"
+            parts.append(f"{label} {format_duration((1 - fraction) / rate)}")
+        self.say("  ".join(parts))
 
     def _in_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """``train_step`` metrics under the current stage's name, for a method with several stages."""
@@ -317,6 +374,7 @@ class Worker:
             for buffer in student.buffers():
                 dist.broadcast(buffer, src=0)
         val = self.evaluate_on("val", student)
+        self.last_val = val["top1"]
         if type(self.method).validate is not Method.validate:
             val.update(_broadcast(self.method.validate(*self.val), self.world_size))
         if val["top1"] > self.best_val:
@@ -339,12 +397,15 @@ class Worker:
         }
         if final:
             report.update(self._final_metrics(student))
+            self._log_deployable(student, report)
         samples = self.method.samples()
         if self.tracker is not None and self.step > self.evaluated_through:
             logged = self._in_stage(metrics)
-            self.tracker.log_metrics({k: v for k, v in report.items() if k not in logged}, self.step)
+            series = {k: v for k, v in report.items() if k not in logged and k not in RUN_STATE}
+            self.tracker.log_metrics(series, self.step)
+            self.tracker.set_tags(self._state_tags(report))
             if samples is not None:
-                self.tracker.log_image_grid(samples[:64], f"samples/step_{self.step:07d}.png")
+                self.tracker.log_image_grid(samples[:64], "samples", self.step)
         report.update(self._in_stage(self.epoch_metrics))  # logged once, at the epoch's start
         payload = self._payload()
         if self.rank == 0:
@@ -353,6 +414,13 @@ class Worker:
                 self.session.report(report, directory, self.step)
         else:
             self.session.report(report, None, self.step)
+
+    def _state_tags(self, report: dict[str, float]) -> dict[str, str]:
+        tags = {key: f"{report[key]:g}" for key in RUN_STATE if key in report}
+        for key in ("ddp/replicas_identical", "student/changed_from_init"):
+            tags[key] = "true" if report[key] == 1.0 else "false"
+        tags["stage"] = self.stages[self.stage_index].name
+        return tags
 
     def _select(self, metrics: dict[str, float], val: dict[str, float]) -> None:
         """Keep a snapshot of every player at the stage's best evaluation (for ``reload_best``)."""
@@ -376,6 +444,7 @@ class Worker:
             self.streams.clear_selections()
             self.best_val, self.best_step, self.best_student = -1.0, 0, None
         stage = self.stages[index]
+        self.stage_clock = (time.perf_counter(), self._stage_fraction())
         self.ctx.stage, self.ctx.stage_step, self.ctx.stage_epoch = (
             stage.name,
             self.stage_step,
@@ -395,15 +464,56 @@ class Worker:
             for name, player in self.method.players().items():
                 unwrap(player).load_state_dict(self.stage_best["players"][name])
 
+    def _best_student(self, student: nn.Module) -> nn.Module:
+        if self.best_student is None:
+            return student
+        best = copy.deepcopy(student)
+        best.load_state_dict(self.best_student)
+        return best
+
     def _final_metrics(self, student: nn.Module) -> dict[str, float]:
         test = self.evaluate_on("test", student)
         result = {f"test/{key}": value for key, value in test.items()}
         if self.best_student is not None:
-            best = copy.deepcopy(student)
-            best.load_state_dict(self.best_student)
-            at_best = self.evaluate_on("test", best)
+            at_best = self.evaluate_on("test", self._best_student(student))
             result.update({f"test/{k}_at_best_val": v for k, v in at_best.items() if k.startswith("top")})
         return result
+
+    def _log_deployable(self, student: nn.Module, report: dict[str, float]) -> None:
+        """Rank 0, end of the run: the final and the best-on-val student as self-contained MLflow models
+        (once per run: a relaunch of a finished run does not log them again)."""
+        tracker = self.tracker
+        if tracker is None or tracker.tags().get("rayoodkd.students_logged_at") == str(self.step):
+            return
+        mean = torch.tensor(self.teacher_info.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.teacher_info.std, device=self.device).view(1, -1, 1, 1)
+        example = (self.val[0][:2] * std + mean).clamp(0, 1)
+        test_at_best = report.get("test/top1_at_best_val", report["test/top1"])
+        choices = {
+            STUDENT: (student, {"selected": "final", "step": self.step, "test_top1": report["test/top1"]}),
+            STUDENT_BEST_VAL: (
+                self._best_student(student),
+                {
+                    "selected": "best val/top1",
+                    "step": self.best_step,
+                    "val_top1": self.best_val,
+                    "test_top1": test_at_best,
+                },
+            ),
+        }
+        for name, (network, selection) in choices.items():
+            uri = log_deployed(
+                deployed(network, self.cfg.student.arch, self.teacher_info),
+                tracking_uri=tracker.tracking_uri,
+                run_id=tracker.run_id,
+                name=name,
+                example=example,
+                step=self.step,
+                metadata={"method": self.cfg.method, **selection},
+                registered_model_name=self.cfg.registered_model_name if name == STUDENT_BEST_VAL else None,
+            )
+            self.say(f"model: {name} logged to MLflow ({uri})")
+        tracker.set_tags({"rayoodkd.students_logged_at": str(self.step)})
 
     def _inject_faults(self) -> None:
         """``debug.fail_at_step`` / ``kill_at_step``: each (kind, step) fires once per run directory (a
@@ -444,6 +554,21 @@ class Worker:
             pending.setdefault(key, []).append(value)
 
     def run(self) -> None:
+        monitor = None
+        if self.tracker is not None and self.cfg.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.tracker.run_id, tracking_uri=self.tracker.tracking_uri, resume_logging=True
+            )
+            monitor.start()
+        try:
+            self._train()
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def _train(self) -> None:
         cfg = self.cfg
         pending: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
@@ -481,6 +606,8 @@ class Worker:
                     metrics = self._log(pending)
                 if evaluate:
                     self._report(metrics, final=stage_end and index == last)
+                if self.step % cfg.log_every == 0 or evaluate:
+                    self._progress(metrics)
             self._leave()
         if not trained:  # relaunched after the end: report the final figures again
             self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)

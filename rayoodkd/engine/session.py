@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from rayoodkd.config import DataConfig
+from rayoodkd.console import MARK
 from rayoodkd.engine.checkpoint import (
     STATE_FILE,
     ResumePoint,
@@ -42,6 +43,7 @@ class Session(Protocol):
     device: torch.device
     run_dir: str
     stream_rows: dict[str, int]
+    console_prefix: str  # what marks a console line as rayoodkd's (rayoodkd.console)
 
     def resume_point(self) -> ResumePoint: ...
 
@@ -85,6 +87,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self.stream_rows = stream_rows
+        self.console_prefix = MARK
 
     def resume_point(self) -> ResumePoint:
         return newest_intact(self.run_dir)
@@ -123,6 +126,8 @@ class RaySession:
 class DriverSession:
     """``num_workers=0``: the run trains in the driver process on the full Ray datasets, and writes its own
     checkpoints to the run directory (the same layout, manifest and retention as Ray Train's)."""
+
+    console_prefix = ""
 
     def __init__(
         self,
@@ -202,6 +207,8 @@ class LocalSession:
 
     ``resume_from`` is a checkpoint directory, or a run directory whose newest intact checkpoint is used.
     """
+
+    console_prefix = ""
 
     def __init__(
         self,

@@ -8,18 +8,22 @@ in Ray's temporary session directory). Any MLflow URI works, a tracking server i
 from __future__ import annotations
 
 import math
-import tempfile
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+import torch
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from rayoodkd.storage import is_remote, local_path
 
 MAX_PARAM_LENGTH = 6000
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -32,6 +36,22 @@ def default_tracking_uri(storage_path: str) -> str:
     root = local_path(storage_path)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own context tags (user, source type and name, git commit of the code that runs), with the
+    command line as the source name and, outside a git checkout of rayoodkd, the commit of the working
+    directory's repository (the user's project)."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_commit
+
+    tags = resolve_tags()
+    tags["mlflow.source.name"] = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]
+    if "mlflow.source.git.commit" not in tags:
+        commit = get_git_commit(os.getcwd())
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def _artifact_location(tracking_uri: str, storage_path: str) -> str | None:
@@ -61,7 +81,10 @@ class Tracker:
             )
         else:
             experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        if experiment is None or EXPERIMENT_KIND not in experiment.tags:
+            # Without it MLflow 3 opens the experiment in its GenAI view (traces, not charts).
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        run = client.create_run(experiment_id, run_name=run_name, tags={**source_tags(), **tags})
         return cls(tracking_uri, run.info.run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -87,9 +110,11 @@ class Tracker:
         """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
         return self.client.get_run(self.run_id).info.status
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -97,15 +122,13 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_image_grid(self, images: Tensor, artifact_file: str, nrow: int = 8) -> None:
-        """Save a batch in [0, 1] as a PNG grid under ``artifact_file``."""
-        from torchvision.utils import save_image
+    def log_image_grid(self, images: Tensor, key: str, step: int, nrow: int = 8) -> None:
+        """A batch in [0, 1] as one grid image under ``key`` at ``step`` (the run page's image slider)."""
+        from torchvision.utils import make_grid
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2)
-            parent = str(Path(artifact_file).parent)
-            self.log_artifact(path, None if parent == "." else parent)
+        grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)
+        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        self.client.log_image(self.run_id, pixels, key=key, step=step)
 
     def terminate(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)

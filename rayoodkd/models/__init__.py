@@ -1,7 +1,13 @@
 """Networks: classifiers (shared ``forward_features``/``feature_dim``/``fc`` interface), generators and
 (patch) discriminators, each behind a name registry."""
 
-from rayoodkd.models.classifiers import TORCHVISION_PREFIX, Classifier, build_classifier
+from rayoodkd.models.classifiers import (
+    TIMM_PREFIX,
+    TORCHVISION_PREFIX,
+    Classifier,
+    ModuleClassifier,
+    build_classifier,
+)
 from rayoodkd.models.discriminators import (
     ConvSpec,
     FullImageDiscriminator,
@@ -19,10 +25,12 @@ __all__ = [
     "CLASSIFIERS",
     "DISCRIMINATORS",
     "GENERATORS",
+    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "Classifier",
     "ConvSpec",
     "FullImageDiscriminator",
+    "ModuleClassifier",
     "MosaicKDPatchDiscriminator",
     "PatchDiscriminator",
     "Registry",

@@ -54,6 +54,8 @@ class Registry:
         return sorted(self._builders)
 
 
-CLASSIFIERS = Registry("classifier", extra_allowed=("torchvision:<name>",))
+CLASSIFIERS = Registry(
+    "classifier", extra_allowed=("torchvision:<name>", "timm:<name>", "<module.path>:<ClassName>")
+)
 GENERATORS = Registry("generator")
 DISCRIMINATORS = Registry("discriminator")

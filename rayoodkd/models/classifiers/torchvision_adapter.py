@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 
 from rayoodkd.models.classifiers.base import Classifier
+from rayoodkd.models.classifiers.external import accept_plain_state_dict
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class TorchvisionClassifier(Classifier):
     ``features``, DenseNet's ReLU'd ``features``, Swin's norm output as NCHW, ...), and ``pool_features``
     the rest of the backbone: the pool and, where the head sits deeper, the layers before it (the hidden
     layer of MobileNetV3, the 7×7 pool and two hidden layers of VGG). ``family`` names the split used.
+    The plain torchvision model's state dict (``conv1.weight``, ..., ``fc.weight``) loads too.
     Vision transformers (``vit_*``, ``family`` ``None``) have no feature map: their ``forward_features`` runs
     the whole backbone and the feature-map interface raises ``TypeError``.
     """
@@ -147,10 +149,21 @@ class TorchvisionClassifier(Classifier):
         model.set_submodule(head_name, nn.Identity())
         self.backbone = model
         self.fc = head
+        self.head_name = head_name
         self.feature_dim = head.in_features
         self.family = next(
             (name for name, split in _FEATURE_MAP_SPLITS.items() if isinstance(model, split.families)), None
         )
+        self.register_load_state_dict_pre_hook(accept_plain_state_dict)
+
+    def wrapper_key(self, key: str) -> str:
+        """This wrapper's key for a key of the plain torchvision model's state dict."""
+        head = f"{self.head_name}."
+        return f"fc.{key[len(head) :]}" if key.startswith(head) else f"backbone.{key}"
+
+    def source_key(self, key: str) -> str:
+        """The plain torchvision model's key for a key of this wrapper."""
+        return f"{self.head_name}.{key[3:]}" if key.startswith("fc.") else key.removeprefix("backbone.")
 
     def _split(self) -> _FeatureMapSplit:
         if self.family is None:

@@ -1,0 +1,432 @@
+"""``rayoodkd compare``: several configs × several seeds as concurrent Ray Tune trials, aggregated.
+
+    rayoodkd compare --configs mnist-kd-letters mnist-mosaickd-letters --seeds 0 1 2
+    rayoodkd compare --configs mnist-kd3-web "mnist-kd3-web kd3.select=false" --seeds 0 1 2 max_steps=2000
+
+Each ``--configs`` item is a preset or YAML file, optionally followed by overrides of its own (quote it); the
+trailing ``KEY=VALUE`` overrides apply to every item. Every (config, seed) cell is a full rayoodkd run (its
+own TorchTrainer, resumable under its run name) launched from a Ray Tune trial, as many at once as the
+cluster's CPUs (or GPUs) allow, each an MLflow child run of the comparison's run. The result, per config,
+is mean ± std over seeds of the final test top-1, the best validation top-1, the test top-1 of the student
+selected on validation (the figure to compare methods by), wall time and images per second: a markdown
+table, a CSV with every cell, and a PNG of validation top-1 against step (mean line, ±1 std band), written
+to ``--output`` and logged to the comparison's MLflow run. Running the same comparison again (same
+``--name``) resumes its unfinished cells and re-aggregates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayoodkd.config import ConfigError, build_config, resolve_config
+from rayoodkd.storage import ray_storage_path, read_json, write_json
+
+COMPARE_FILE = "compare.json"
+COLUMNS = {
+    "test/top1": "test top-1 (final)",
+    "best_val/top1": "best val top-1",
+    "test/top1_at_best_val": "test top-1 at best val",
+    "summary/wall_seconds": "wall (s)",
+    "throughput/images_per_second": "img/s",
+}
+
+
+@dataclass
+class Entry:
+    """One ``--configs`` item: a preset or YAML file and its own overrides."""
+
+    label: str
+    ref: str
+    overrides: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Entry:
+        parts = shlex.split(text)
+        if not parts:
+            raise ConfigError("--configs: an empty item")
+        return cls(" ".join(parts), parts[0], parts[1:])
+
+
+@dataclass
+class Cell:
+    """One run of the grid: a config at a seed."""
+
+    label: str
+    seed: int
+    config: dict[str, Any]
+    run_name: str = ""
+
+
+@dataclass
+class CellResult:
+    label: str
+    seed: int
+    run_name: str
+    mlflow_run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:60]
+
+
+def plan(entries: list[Entry], seeds: list[int], overrides: list[str], name: str) -> list[Cell]:
+    """Every cell's validated config (any bad key fails here, naming its item, before Ray starts)."""
+    labels = [entry.label for entry in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--configs: an item is given twice ({', '.join(labels)})")
+    cells = []
+    for entry in entries:
+        for seed in seeds:
+            try:
+                cfg = resolve_config(entry.ref, [*overrides, *entry.overrides, f"seed={seed}"])
+            except (ConfigError, FileNotFoundError) as error:
+                raise ConfigError(f"--configs {entry.label!r}: {error}") from None
+            run_name = f"{name}-{_slug(entry.label)}-s{seed}"
+            cells.append(Cell(entry.label, seed, cfg.model_dump(mode="json"), run_name))
+    return cells
+
+
+def default_name(entries: list[Entry], seeds: list[int]) -> str:
+    return _slug("-vs-".join(_slug(e.label) for e in entries))[:80] + f"-seeds{len(seeds)}"
+
+
+def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, str]) -> None:
+    """One cell (a Tune function trainable): a full rayoodkd run, reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rayoodkd.launch import launch
+
+    cell = cells[config["cell"]]
+    data = dict(cell.config)
+    data.update(
+        run_name=cell.run_name,
+        storage_path=compare["trials"],
+        tracking_uri=compare["tracking_uri"],
+        summary_json=None,
+    )
+    launch(
+        build_config(data),
+        callbacks=[TuneReportCallback()],
+        mlflow_tags={
+            "mlflow.parentRunId": compare["parent_run_id"],
+            "compare": compare["name"],
+            "compare.config": cell.label,
+            "seed": str(cell.seed),
+        },
+        console_label=f"{cell.label} s{cell.seed}",
+    )
+
+
+def _max_concurrent(cells: list[Cell], driver_cpus: float) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    configs = [build_config(cell.config) for cell in cells]
+    # A run with num_workers=0 trains in the trial itself: count it as one worker. What is left over (at
+    # least half a CPU) is for Ray Data's read tasks (spec/ray.md P5, P7).
+    per_trial = max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
+    fits = int((resources.get("CPU", 1) - 0.5) // per_trial)
+    gpu_configs = [c for c in configs if c.use_gpu]
+    if gpu_configs:
+        per_trial_gpus = max(max(c.num_workers, 1) * c.resources.gpus_per_worker for c in gpu_configs)
+        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpus))
+    return max(fits, 1)
+
+
+def _collect(cells: list[Cell], trials: str, tracking_uri: str) -> list[CellResult]:
+    """Each cell's figures from its MLflow run (a cell that never started has none)."""
+    from mlflow.tracking import MlflowClient
+
+    from rayoodkd.launch import RUN_FILE
+
+    client = MlflowClient(tracking_uri)
+    results = []
+    for cell in cells:
+        record = read_json(f"{trials}/{cell.run_name}/{RUN_FILE}") or {}
+        run_id = record.get("mlflow_run_id", "")
+        result = CellResult(cell.label, cell.seed, cell.run_name, run_id, "NOT RUN")
+        if run_id:
+            run = client.get_run(run_id)
+            result.status = run.info.status
+            result.metrics = {key: run.data.metrics[key] for key in COLUMNS if key in run.data.metrics}
+            if "test/top1_at_best_val" not in result.metrics and "test/top1" in result.metrics:
+                result.metrics["test/top1_at_best_val"] = result.metrics["test/top1"]
+            history = client.get_metric_history(run_id, "val/top1")
+            result.curve = sorted((m.step, m.value) for m in history)
+        results.append(result)
+    return results
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table_markdown(results: list[CellResult], name: str) -> str:
+    """Per config: mean ± std over its finished seeds (sample std)."""
+    labels = list(dict.fromkeys(r.label for r in results))
+    header = ["config", "seeds", *COLUMNS.values()]
+    lines = [
+        f"Comparison `{name}`: mean ± std over seeds (sample std); model selection on the validation split.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for label in labels:
+        done = [r for r in results if r.label == label and r.status == "FINISHED"]
+        total = sum(r.label == label for r in results)
+        cells = [_mean_std([r.metrics[key] for r in done if key in r.metrics]) for key in COLUMNS]
+        cells[-2:] = [c.split(" ±")[0] if c != "–" else c for c in cells[-2:]]  # wall and img/s: means
+        lines.append(f"| {label} | {len(done)}/{total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_csv(results: list[CellResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["config", "seed", "status", *COLUMNS, "run_name", "mlflow_run_id"])
+    for r in results:
+        values = [r.metrics.get(key, "") for key in COLUMNS]
+        writer.writerow([r.label, r.seed, r.status, *values, r.run_name, r.mlflow_run_id])
+    return buffer.getvalue()
+
+
+def plot_curves(results: list[CellResult], path: Path, name: str) -> None:
+    """Validation top-1 against step per config: the mean over seeds and a ±1 std band (steps that every
+    finished seed evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for label in dict.fromkeys(r.label for r in results):
+        curves = [dict(r.curve) for r in results if r.label == label and r.curve]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])
+        mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+        (line,) = axes.plot(steps, mean, label=f"{label} (n={len(curves)})")
+        axes.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes.set_xlabel("step")
+    axes.set_ylabel("val top-1 (%)")
+    axes.set_title(f"{name}: validation top-1, mean ± std over seeds", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+@dataclass
+class CompareResult:
+    name: str
+    results: list[CellResult]
+    table: str
+    output: Path
+    parent_run_id: str
+    tracking_uri: str
+
+
+def run_compare(
+    entries: list[Entry],
+    seeds: list[int],
+    overrides: list[str] | None = None,
+    *,
+    name: str | None = None,
+    output: Path | None = None,
+    driver_cpus: float = 0.5,
+    log: Any = print,
+) -> CompareResult:
+    """Run (or resume) every cell, then aggregate; see the module doc."""
+    import ray
+    from ray import tune
+
+    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
+    from rayoodkd.engine.tracking import Tracker, default_tracking_uri
+    from rayoodkd.teacher import ensure_teacher
+
+    if not seeds:
+        raise ConfigError("--seeds: at least one seed")
+    name = name or default_name(entries, seeds)
+    cells = plan(entries, seeds, overrides or [], name)
+    first = build_config(cells[0].config)
+    root = f"{ray_storage_path(first.storage_path).rstrip('/')}/{name}"
+    trials = f"{root}/trials"
+    record = read_json(f"{root}/{COMPARE_FILE}")
+    if record is not None:
+        tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    else:
+        tracking_uri = first.tracking_uri or default_tracking_uri(first.storage_path)
+        tracker = Tracker.create(
+            tracking_uri,
+            first.storage_path,
+            first.experiment_name,
+            f"compare-{name}",
+            {"rayoodkd.kind": "compare"},
+        )
+        tracker.log_params(
+            {
+                "configs": " | ".join(e.label for e in entries),
+                "seeds": seeds,
+                "overrides": " ".join(overrides or []),
+            }
+        )
+        write_json(
+            f"{root}/{COMPARE_FILE}",
+            {
+                "parent_run_id": tracker.run_id,
+                "tracking_uri": tracking_uri,
+                "cells": [c.run_name for c in cells],
+            },
+        )
+    teachers = {}
+    for cell in cells:
+        cfg = build_config(cell.config)
+        teachers.setdefault(cfg.teacher.model_dump_json(), cfg)
+    for cfg in teachers.values():
+        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
+    quiet_python_loggers()
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=True)
+        show_only_marked_worker_lines()
+    quiet_python_loggers()
+    compare = {
+        "name": name,
+        "trials": trials,
+        "tracking_uri": tracker.tracking_uri,
+        "parent_run_id": tracker.run_id,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, cells=cells, compare=compare), {"CPU": driver_cpus}
+    )
+    finished = {r.run_name for r in _collect(cells, trials, tracker.tracking_uri) if r.status == "FINISHED"}
+    pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
+    concurrent = _max_concurrent(cells, driver_cpus)
+    log(
+        f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
+        f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
+    )
+    started = time.perf_counter()
+    if pending:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=root,
+                verbose=0,
+                callbacks=[_Progress(cells, log)],
+            ),
+        )
+        tuner.fit()
+    results = _collect(cells, trials, tracker.tracking_uri)
+    table = table_markdown(results, name)
+    output = output or Path(f"compare-{name}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compare.md").write_text(table)
+    (output / "results.csv").write_text(results_csv(results))
+    plot_curves(results, output / "curves.png", name)
+    for file in ("compare.md", "results.csv", "curves.png"):
+        tracker.log_artifact(output / file)
+    tracker.log_metrics(
+        _aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
+    )
+    tracker.terminate("FINISHED" if all(r.status == "FINISHED" for r in results) else "FAILED")
+    log(table)
+    log(f"compare {name}: table, CSV and curves in {output}")
+    return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri)
+
+
+def _aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
+    metrics = {}
+    for label in dict.fromkeys(r.label for r in results):
+        values = [r.metrics["test/top1_at_best_val"] for r in results if r.label == label and r.metrics]
+        if values:
+            metrics[f"{_slug(label)}/test_top1_at_best_val_mean"] = statistics.fmean(values)
+    return metrics
+
+
+class _Progress:
+    """A line per finished cell in the driver's console (Tune's own tables are off)."""
+
+    def __new__(cls, cells: list[Cell], log: Any) -> Any:
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                cell = cells[trial.config["cell"]]
+                result = trial.last_result or {}
+                top1 = result.get("test/top1_at_best_val", result.get("test/top1", math.nan))
+                log(f"done: {cell.label} seed {cell.seed}: test top-1 at best val {top1:.2f}")
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                cell = cells[trial.config["cell"]]
+                log(f"failed: {cell.label} seed {cell.seed} (its MLflow run has the reason)")
+
+        return Progress()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rayoodkd compare",
+        description="Run several configs over several seeds as concurrent Ray Tune trials and report mean "
+        "± std (a markdown table, a CSV and a PNG of validation curves, also logged to MLflow).",
+        epilog="example: rayoodkd compare --configs mnist-kd-letters mnist-mosaickd-letters --seeds 0 1 2 "
+        'max_steps=2000\n         rayoodkd compare --configs demo "demo kd_ood.lr=0.01" --seeds 0 1',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        metavar="CONFIG",
+        help='presets or YAML files; "REF KEY=VALUE ..."',
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: 0 1 2")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every config")
+    parser.add_argument("--name", help="the comparison's name (default: from the configs and seed count)")
+    parser.add_argument(
+        "--output", type=Path, help="where to write the table and plot (default ./compare-NAME)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        entries = [Entry.parse(text) for text in args.configs]
+        run_compare(entries, args.seeds, args.overrides, name=args.name, output=args.output)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""What a run prints: rayoodkd's own progress lines, with Ray's and MLflow's chatter kept off the console.
+
+Ray forwards the stdout and stderr of every worker and actor to the driver: Ray Data execution plans for every
+epoch, Ray Train's report dicts from every rank, placement and shutdown messages. By default the driver shows
+only the lines rayoodkd's workers mark as theirs (:data:`MARK`, stripped when shown) and warnings or errors
+of Ray's and MLflow's own loggers; ``ray_logs=true`` restores Ray's forwarding. Ray keeps every log under its
+session directory (``/tmp/ray/session_latest/logs``) either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+MARK = "[rayoodkd] "
+QUIET_LOGGERS = {
+    "ray": logging.ERROR,
+    "ray.data": logging.ERROR,
+    "ray.train": logging.ERROR,
+    "ray.tune": logging.ERROR,
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,
+}
+
+
+def quiet_python_loggers() -> None:
+    """Ray's and MLflow's driver-side loggers: warnings and errors only (Ray: errors only; its start-up
+    warnings are advice about the cluster, not about the run)."""
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def show_only_marked_worker_lines() -> bool:
+    """Replace Ray's worker-log printer in this driver by one that shows only rayoodkd's marked lines.
+
+    Returns whether it could (the printer is a Ray internal; if it moves, Ray's own forwarding stays)."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return False
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    handlers = getattr(dispatcher, "handlers", [])
+    if not any(name == "ray_print_logs" for name, _ in handlers):
+        return False  # Ray forwards nothing to this driver (log_to_driver=False) or its internals moved
+
+    def marked_only(data: dict[str, Any]) -> None:
+        lines = [line[len(MARK) :] for line in data.get("lines", []) if line.startswith(MARK)]
+        for line in lines:
+            print(line, file=sys.stdout, flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", marked_only)
+    return True
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``37s``."""
+    seconds = max(round(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

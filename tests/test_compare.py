@@ -1,0 +1,114 @@
+"""``rayoodkd compare``: configs × seeds as concurrent trials, aggregated into mean ± std."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from rayoodkd.compare import CellResult, Entry, main, plan, plot_curves, run_compare, table_markdown
+from rayoodkd.config import ConfigError
+
+
+def test_an_item_carries_its_own_overrides_and_a_bad_key_names_its_item() -> None:
+    entry = Entry.parse("demo kd_ood.lr=0.01")
+    assert (entry.ref, entry.overrides, entry.label) == ("demo", ["kd_ood.lr=0.01"], "demo kd_ood.lr=0.01")
+    cells = plan([Entry.parse("demo"), entry], [0, 1], ["max_steps=10"], "cmp")
+    assert [(c.label, c.seed, c.config["max_steps"]) for c in cells] == [
+        ("demo", 0, 10),
+        ("demo", 1, 10),
+        ("demo kd_ood.lr=0.01", 0, 10),
+        ("demo kd_ood.lr=0.01", 1, 10),
+    ]
+    assert cells[3].config["kd_ood"]["lr"] == 0.01 and cells[3].config["seed"] == 1
+    assert len({c.run_name for c in cells}) == 4
+    with pytest.raises(ConfigError, match=r"--configs 'demo kd_ood.lrr=1'.*kd_ood.lrr"):
+        plan([Entry.parse("demo kd_ood.lrr=1")], [0], [], "cmp")
+    with pytest.raises(ConfigError, match="given twice"):
+        plan([Entry.parse("demo"), Entry.parse("demo")], [0], [], "cmp")
+
+
+def test_the_cli_refuses_bad_input_in_one_line_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--configs", "no-such-preset", "--seeds", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --configs 'no-such-preset'") and "\n" not in err
+
+
+def _cell(label: str, seed: int, top1: float, curve: list[tuple[int, float]]) -> CellResult:
+    metrics = {
+        "test/top1": top1 - 1,
+        "best_val/top1": top1 + 1,
+        "test/top1_at_best_val": top1,
+        "summary/wall_seconds": 10.0 + seed,
+        "throughput/images_per_second": 100.0,
+    }
+    return CellResult(label, seed, f"{label}-{seed}", "id", "FINISHED", metrics, curve)
+
+
+def test_the_table_is_mean_and_sample_std_per_config_and_the_plot_has_bands(tmp_path: Path) -> None:
+    results = [
+        _cell("a", 0, 90.0, [(1, 50.0), (2, 80.0)]),
+        _cell("a", 1, 92.0, [(1, 60.0), (2, 84.0)]),
+        _cell("b", 0, 70.0, [(1, 40.0), (2, 70.0)]),
+        CellResult("b", 1, "b-1", "", "NOT RUN"),
+    ]
+    table = table_markdown(results, "t")
+    row_a = next(line for line in table.splitlines() if line.startswith("| a |"))
+    assert row_a == "| a | 2/2 | 90.00 ± 1.41 | 92.00 ± 1.41 | 91.00 ± 1.41 | 10.50 | 100.00 |"
+    row_b = next(line for line in table.splitlines() if line.startswith("| b |"))
+    assert row_b.startswith("| b | 1/2 | 69.00 | 71.00 | 70.00 |")
+    plot_curves(results, tmp_path / "curves.png", "t")
+    assert Image.open(tmp_path / "curves.png").size == (900, 540)
+
+
+@pytest.mark.ray
+def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
+    tmp_path: Path, tiny_teacher: Path, ray_local
+) -> None:
+    overrides = [
+        f"teacher.checkpoint={tiny_teacher}",
+        f"storage_path={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.ood.num_images=800",
+        "data.batch_size=32",
+        "num_workers=0",
+        "max_steps=4",
+        "eval.every=2",
+    ]
+    entries = [Entry.parse("demo"), Entry.parse("demo kd_ood.lr=0.001")]
+    result = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "out")
+    assert [(r.label, r.seed, r.status) for r in result.results] == [
+        ("demo", 0, "FINISHED"),
+        ("demo", 1, "FINISHED"),
+        ("demo kd_ood.lr=0.001", 0, "FINISHED"),
+        ("demo kd_ood.lr=0.001", 1, "FINISHED"),
+    ]
+    assert all([step for step, _ in r.curve] == [2, 4] for r in result.results)
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
+    assert len(rows) == 4 and all(float(row["test/top1"]) >= 0 for row in rows)
+    assert "| demo | 2/2 |" in (tmp_path / "out" / "compare.md").read_text()
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {
+        "compare.md",
+        "curves.png",
+        "results.csv",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted((c.data.tags["compare.config"], c.data.tags["seed"]) for c in children) == [
+        ("demo", "0"),
+        ("demo", "1"),
+        ("demo kd_ood.lr=0.001", "0"),
+        ("demo kd_ood.lr=0.001", "1"),
+    ]
+    # The same comparison again: every cell is finished, so nothing trains; the figures are the same.
+    again = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "again")
+    assert again.parent_run_id == result.parent_run_id
+    assert [r.metrics for r in again.results] == [r.metrics for r in result.results]
