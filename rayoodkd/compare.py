@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import math
 import re
@@ -95,13 +96,20 @@ def plan(entries: list[Entry], seeds: list[int], overrides: list[str], name: str
                 cfg = resolve_config(entry.ref, [*overrides, *entry.overrides, f"seed={seed}"])
             except (ConfigError, FileNotFoundError) as error:
                 raise ConfigError(f"--configs {entry.label!r}: {error}") from None
-            run_name = f"{name}-{_slug(entry.label)}-s{seed}"
+            # The config's hash in the name: the same comparison with other settings never reuses these runs.
+            run_name = f"{name}-{_slug(entry.label)}-s{seed}-{_digest(cfg.model_dump_json())}"
             cells.append(Cell(entry.label, seed, cfg.model_dump(mode="json"), run_name))
     return cells
 
 
-def default_name(entries: list[Entry], seeds: list[int]) -> str:
-    return _slug("-vs-".join(_slug(e.label) for e in entries))[:80] + f"-seeds{len(seeds)}"
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_name(entries: list[Entry], seeds: list[int], overrides: list[str]) -> str:
+    """From the configs and the seed count, plus a hash of the shared overrides when there are some."""
+    name = _slug("-vs-".join(_slug(e.label) for e in entries))[:80] + f"-seeds{len(seeds)}"
+    return f"{name}-{_digest(' '.join(overrides))}" if overrides else name
 
 
 def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, str]) -> None:
@@ -218,6 +226,10 @@ def plot_curves(results: list[CellResult], path: Path, name: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    # Runs of different lengths (MosaicKD counts outer iterations, KD student steps) are drawn against the
+    # fraction of their run, not against a step count that means different work.
+    lengths = {r.curve[-1][0] for r in results if r.curve}
+    by_fraction = len(lengths) > 1
     figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for label in dict.fromkeys(r.label for r in results):
         curves = [dict(r.curve) for r in results if r.label == label and r.curve]
@@ -226,9 +238,10 @@ def plot_curves(results: list[CellResult], path: Path, name: str) -> None:
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = np.array([[c[s] for s in steps] for c in curves])
         mean, std = values.mean(0), values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
-        (line,) = axes.plot(steps, mean, label=f"{label} (n={len(curves)})")
-        axes.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    axes.set_xlabel("step")
+        x = np.array(steps) / max(max(c) for c in curves) * 100 if by_fraction else steps
+        (line,) = axes.plot(x, mean, label=f"{label} (n={len(curves)})")
+        axes.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes.set_xlabel("% of the run's steps" if by_fraction else "step")
     axes.set_ylabel("val top-1 (%)")
     axes.set_title(f"{name}: validation top-1, mean ± std over seeds", fontsize=10)
     axes.grid(alpha=0.3)
@@ -256,9 +269,11 @@ def run_compare(
     name: str | None = None,
     output: Path | None = None,
     driver_cpus: float = 0.5,
+    max_concurrent: int | None = None,
     log: Any = print,
 ) -> CompareResult:
-    """Run (or resume) every cell, then aggregate; see the module doc."""
+    """Run (or resume) every cell, then aggregate; see the module doc. ``max_concurrent`` caps the runs at
+    once (1: one at a time, for wall times measured on an otherwise idle machine)."""
     import ray
     from ray import tune
 
@@ -268,7 +283,8 @@ def run_compare(
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
-    name = name or default_name(entries, seeds)
+    quiet_python_loggers()
+    name = name or default_name(entries, seeds, overrides or [])
     cells = plan(entries, seeds, overrides or [], name)
     first = build_config(cells[0].config)
     root = f"{ray_storage_path(first.storage_path).rstrip('/')}/{name}"
@@ -311,7 +327,7 @@ def run_compare(
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
         show_only_marked_worker_lines()
-    quiet_python_loggers()
+    quiet_python_loggers()  # again: importing Ray Data and Tune configures their loggers
     compare = {
         "name": name,
         "trials": trials,
@@ -323,7 +339,7 @@ def run_compare(
     )
     finished = {r.run_name for r in _collect(cells, trials, tracker.tracking_uri) if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
-    concurrent = _max_concurrent(cells, driver_cpus)
+    concurrent = min(_max_concurrent(cells, driver_cpus), max_concurrent or len(cells))
     log(
         f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
@@ -411,6 +427,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", type=Path, help="where to write the table and plot (default ./compare-NAME)"
     )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="runs at once (default: what the cluster fits; 1 for clean timings)",
+    )
     return parser
 
 
@@ -418,7 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         entries = [Entry.parse(text) for text in args.configs]
-        run_compare(entries, args.seeds, args.overrides, name=args.name, output=args.output)
+        run_compare(
+            entries,
+            args.seeds,
+            args.overrides,
+            name=args.name,
+            output=args.output,
+            max_concurrent=args.max_concurrent,
+        )
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

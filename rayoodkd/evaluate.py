@@ -14,22 +14,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rayoodkd.config import ConfigError, apply_overrides, build_config
-from rayoodkd.engine.checkpoint import STATE_FILE, load_state
-from rayoodkd.engine.loop import Worker
-from rayoodkd.engine.session import LocalSession
-from rayoodkd.teacher import ensure_teacher, load_tensors
-from rayoodkd.teacher_io import read_teacher
+
+if TYPE_CHECKING:
+    import torch
 
 
 def evaluate_checkpoint(
     checkpoint: str | Path, overrides: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
     """``{"teacher" | "final" | "best_val": {"val/top1": ..., "test/top1": ...}}`` for a run checkpoint."""
+    import torch
+
+    from rayoodkd.engine.checkpoint import STATE_FILE, load_state
+    from rayoodkd.engine.loop import Worker
+    from rayoodkd.engine.session import LocalSession
+    from rayoodkd.teacher import ensure_teacher, load_tensors
+    from rayoodkd.teacher_io import read_teacher
+
     directory = Path(checkpoint)
     directory = directory.parent if directory.name == STATE_FILE else directory
     state = load_state(directory)

@@ -277,10 +277,10 @@ def launch(
     import ray.data
 
     started = time.perf_counter()
-    teacher_path, tracking_uri = preflight(cfg, log)
-    _, info = read_teacher(teacher_path)
     if not cfg.ray_logs:
         quiet_python_loggers()
+    teacher_path, tracking_uri = preflight(cfg, log)
+    _, info = read_teacher(teacher_path)
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
         if not cfg.ray_logs:

@@ -28,28 +28,28 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, field_validator
-from torch import Tensor, nn
 
-from rayoodkd.augment import augment_batch
 from rayoodkd.config import ConfigError, Section, TeacherConfig, TeacherRecipe, apply_overrides
 from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import CorpusConfig
-from rayoodkd.engine.evaluation import evaluate
-from rayoodkd.engine.streams import tensor_source
 from rayoodkd.errors import first_line, one_line
-from rayoodkd.models import build_classifier
-from rayoodkd.models.classifiers.external import BUILD_ARGUMENTS
-from rayoodkd.teacher_io import TeacherInfo, read_teacher, save_teacher
+
+# torch and the model zoo load when a teacher is trained, imported or read, not for --help.
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from rayoodkd.teacher_io import TeacherInfo
 
 
 def load_tensors(
     corpus: CorpusConfig, image_size: int, channels: int, cache_dir: str | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor, int]:
     """A (small) corpus read through Ray Data into memory: images in [0, 1], labels, corrupt rows skipped."""
+    import torch
+
     from rayoodkd.data import load_corpus
 
     dataset = load_corpus(corpus, image_size=image_size, channels=channels, seed=seed, cache_dir=cache_dir)
@@ -79,6 +79,15 @@ def train_teacher(
     SGD (momentum 0.9, Nesterov, as MosaicKD's ``train_scratch.py``) or Adam (AuG-KD's teachers), with a
     per-iteration cosine schedule; normalised with the training set's statistics or a fixed ``mean``/``std``.
     """
+    import torch
+    from torch import nn
+
+    from rayoodkd.augment import augment_batch
+    from rayoodkd.engine.evaluation import evaluate
+    from rayoodkd.engine.streams import tensor_source
+    from rayoodkd.models import build_classifier
+    from rayoodkd.teacher_io import TeacherInfo, save_teacher
+
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     size, channels = recipe.image_size, recipe.channels
@@ -142,6 +151,8 @@ def train_teacher(
 
 def ensure_teacher(teacher: TeacherConfig, cache_dir: str | None = None, log: Any = print) -> Path:
     """The teacher checkpoint a run uses: the configured file, or the recipe's cached result."""
+    from rayoodkd.teacher_io import read_teacher
+
     if teacher.checkpoint:
         path = Path(teacher.checkpoint).expanduser()
         read_teacher(path)
@@ -174,6 +185,8 @@ class ImportSpec(Section):
     @field_validator("kwargs")
     @classmethod
     def _no_reserved_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        from rayoodkd.models.classifiers.external import BUILD_ARGUMENTS
+
         for reserved in BUILD_ARGUMENTS:
             if reserved in kwargs:
                 key = {"in_channels": "channels"}.get(reserved, reserved)
@@ -182,6 +195,9 @@ class ImportSpec(Section):
 
 
 def _foreign_state_dict(path: Path) -> dict[str, Tensor]:
+    import torch
+    from torch import Tensor
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # one line, never a traceback
@@ -215,6 +231,9 @@ def _state_dict_mismatch(error: RuntimeError, model: nn.Module) -> str:
 
 
 def _check_logits(model: nn.Module, spec: ImportSpec) -> None:
+    import torch
+    from torch import Tensor
+
     size = f"{spec.channels}x{spec.image_size}x{spec.image_size}"
     try:
         with torch.no_grad():
@@ -235,6 +254,10 @@ def score_teacher(
     """Top-1/top-5 (%) of ``model`` on a labelled corpus (as ``test``/``test_top5``) and its size; the
     corpus is read as the teacher sees it (``info``'s size, channels and normaliser). Any problem with the
     corpus is one :class:`ConfigError` line naming ``key``."""
+    import torch
+
+    from rayoodkd.engine.evaluation import evaluate
+
     try:
         images, labels, _ = load_tensors(corpus, info.image_size, info.channels, cache_dir)
     except (FileNotFoundError, ValueError) as error:
@@ -259,6 +282,9 @@ def import_teacher(
     """Wrap a foreign state dict as a rayoodkd teacher; every key must match the architecture, and the
     network must map ``channels``x``image_size``² images to ``num_classes`` logits. With ``spec.test`` the
     teacher is scored on that labelled set and its accuracy recorded."""
+    from rayoodkd.models import build_classifier
+    from rayoodkd.teacher_io import TeacherInfo, save_teacher
+
     if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
         raise ConfigError(f"mean/std: need {spec.channels} values each (channels={spec.channels})")
     try:
@@ -341,6 +367,8 @@ def _train_or_show(argv: list[str]) -> int:
     parser.add_argument("--cache-dir", help="corpus cache (default $RAYOODKD_CACHE or ~/.cache/rayoodkd)")
     args = parser.parse_args(argv)
     if args.show:
+        from rayoodkd.teacher_io import read_teacher
+
         _, info = read_teacher(args.show)
         print(json.dumps(asdict(info), indent=2))
         return 0

@@ -430,6 +430,7 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.teacher import ensure_teacher
 
@@ -473,8 +474,12 @@ def run_sweep(
         )
     if not any(key.startswith("teacher.") for key in space.search):
         ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
+    if not cfg.ray_logs:
+        quiet_python_loggers()
     if not ray.is_initialized():
-        ray.init(configure_logging=False)
+        ray.init(configure_logging=False, log_to_driver=True)
+        if not cfg.ray_logs:
+            show_only_marked_worker_lines()  # the trials' progress lines and Tune's tables, not Ray's chatter
     sweep = {
         "name": space.name,
         "trials": paths.trials,

@@ -94,7 +94,8 @@ def test_help_imports_no_torch_ray_or_mlflow() -> None:
     code = """
 import sys
 from rayoodkd.cli import main
-for argv in ([], ["train"], ["tune"], ["data"], ["compare"]):
+commands = [[], ["train"], ["tune"], ["data"], ["compare"], ["teacher"], ["teacher", "import"], ["evaluate"]]
+for argv in commands:
     try:
         main([*argv, "--help"])
     except SystemExit as stop:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -255,7 +256,9 @@ class Worker:
         """One line on the run's console, from rank 0."""
         if self.rank == 0:
             label = f"{self.console_label}: " if self.console_label else ""
-            print(f"{self.session.console_prefix}{label}{text}", flush=True)
+            # Not print(): Ray Train workers send print through Train's logger too (twice on the console).
+            sys.stdout.write(f"{self.session.console_prefix}{label}{text}\n")
+            sys.stdout.flush()
 
     def _payload(self) -> dict[str, Any]:
         own = {
@@ -331,7 +334,8 @@ class Worker:
         if len(self.stages) > 1:
             where = f"{stage.name} [{self.stage_index + 1}/{len(self.stages)}] {where}"
         fraction = self._stage_fraction()
-        losses = sorted((k for k in metrics if k.startswith("loss/")), key=lambda k: k != "loss/total")[:4]
+        first = {"loss/total": 0, "loss/kd": 1}  # the student's objective leads; then the method's order
+        losses = sorted((k for k in metrics if k.startswith("loss/")), key=lambda k: first.get(k, 2))[:4]
         parts = [f"{where} {100 * fraction:3.0f}%"]
         parts += [f"{key.removeprefix('loss/')} {metrics[key]:.4g}" for key in losses]
         if self.last_val is not None:
@@ -366,7 +370,7 @@ class Worker:
             topk=self.cfg.eval.topk,
         )
 
-    def _report(self, metrics: dict[str, float], final: bool) -> None:
+    def _report(self, metrics: dict[str, float], final: bool) -> dict[str, float]:
         student = self.method.deployable_student()
         if self.world_size > 1 and dist.is_initialized():
             # DDP gives every rank rank 0's buffers (BN running statistics) at its next forward anyway; doing
@@ -397,7 +401,6 @@ class Worker:
         }
         if final:
             report.update(self._final_metrics(student))
-            self._log_deployable(student, report)
         samples = self.method.samples()
         if self.tracker is not None and self.step > self.evaluated_through:
             logged = self._in_stage(metrics)
@@ -414,6 +417,7 @@ class Worker:
                 self.session.report(report, directory, self.step)
         else:
             self.session.report(report, None, self.step)
+        return report
 
     def _state_tags(self, report: dict[str, float]) -> dict[str, str]:
         tags = {key: f"{report[key]:g}" for key in RUN_STATE if key in report}
@@ -479,12 +483,13 @@ class Worker:
             result.update({f"test/{k}_at_best_val": v for k, v in at_best.items() if k.startswith("top")})
         return result
 
-    def _log_deployable(self, student: nn.Module, report: dict[str, float]) -> None:
+    def _log_deployable(self, report: dict[str, float]) -> None:
         """Rank 0, end of the run: the final and the best-on-val student as self-contained MLflow models
         (once per run: a relaunch of a finished run does not log them again)."""
         tracker = self.tracker
         if tracker is None or tracker.tags().get("rayoodkd.students_logged_at") == str(self.step):
             return
+        student = self.method.deployable_student()
         mean = torch.tensor(self.teacher_info.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.teacher_info.std, device=self.device).view(1, -1, 1, 1)
         example = (self.val[0][:2] * std + mean).clamp(0, 1)
@@ -604,13 +609,17 @@ class Worker:
                     evaluate = stage_end or (epoch_end and self.stage_epoch % stage.eval_every_epochs == 0)
                 if self.step % cfg.log_every == 0 or evaluate:
                     metrics = self._log(pending)
+                final = stage_end and index == last
                 if evaluate:
-                    self._report(metrics, final=stage_end and index == last)
+                    report = self._report(metrics, final=final)
                 if self.step % cfg.log_every == 0 or evaluate:
                     self._progress(metrics)
+                if final:  # the final checkpoint is safe: a failure here loses nothing; a relaunch logs them
+                    self._log_deployable(report)
             self._leave()
         if not trained:  # relaunched after the end: report the final figures again
-            self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)
+            report = self._report({THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9)}, True)
+            self._log_deployable(report)
 
 
 def run_worker(loop_config: dict[str, Any], session: Session) -> None:

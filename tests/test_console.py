@@ -1,0 +1,49 @@
+"""The driver's console filter: rayoodkd's marked worker lines through, Ray's own chatter out."""
+
+from __future__ import annotations
+
+import pytest
+from ray._private import worker as ray_worker
+
+from rayoodkd.console import MARK, format_duration, show_only_marked_worker_lines
+
+
+def test_only_marked_worker_lines_reach_the_console(capsys: pytest.CaptureFixture[str]) -> None:
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    saved = list(dispatcher.handlers)
+    seen: list[dict] = []
+    dispatcher.handlers = [("ray_print_logs", seen.append)]
+    try:
+        assert show_only_marked_worker_lines()
+        dispatcher.emit(
+            {
+                "pid": 1,
+                "is_err": False,
+                "lines": [
+                    "Execution plan of Dataset ood_0: InputDataBuffer[Input] -> OutputSplitter[split(2)]",
+                    f"{MARK}step 25/1500   2%  kd 0.44  4,021 img/s  ETA 2m31s",
+                    "Reporting training result 1: TrainingReport(checkpoint=None, metrics={...})",
+                ],
+            }
+        )
+        dispatcher.emit({"pid": 2, "is_err": True, "lines": ["Exception in thread PlacementGroupCleaner"]})
+    finally:
+        dispatcher.handlers = saved
+    assert seen == []  # Ray's own printer was replaced, not called
+    assert capsys.readouterr().out == "step 25/1500   2%  kd 0.44  4,021 img/s  ETA 2m31s\n"
+
+
+def test_without_ray_forwarding_nothing_is_replaced() -> None:
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = []
+    try:
+        assert not show_only_marked_worker_lines()
+        assert dispatcher.handlers == []
+    finally:
+        dispatcher.handlers = saved
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(37.4, "37s"), (245, "4m05s"), (3720, "1h02m"), (-3, "0s")])
+def test_durations_read_like_a_clock(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
