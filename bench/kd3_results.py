@@ -49,7 +49,7 @@ def run_one(config: str, overrides: list[str], storage: str) -> dict:
     return {
         "acc": metrics["test/top1_at_best_val"],
         "final_acc": metrics["test/top1"],
-        "teacher": metrics["teacher/test_top1"],
+        "teacher": summary.teacher_accuracy,
         "steps": float(summary.steps),
         "wall_seconds": time.perf_counter() - started,
         "per_epoch": {key: values for key, values in history.items() if key in SELECTION and values},

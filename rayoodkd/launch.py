@@ -299,7 +299,7 @@ def launch(
     tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, storage, tags)
     log(
         f"run {run_name}: {'resuming' if previous_status else 'starting'}; "
-        f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
+        f"MLflow run {tracker.run_id} at {tracker.page_url() or tracker.tracking_uri}"
     )
     if any(corrupt_images.values()):
         tracker.log_metrics({f"data/{name}/corrupt_images": n for name, n in corrupt_images.items()}, 0)

@@ -149,3 +149,14 @@ def test_fit_then_load_student_reproduces_the_selected_students_test_accuracy(
         with torch.no_grad():
             accuracy = 100.0 * (student(images).argmax(1) == labels).float().mean().item()
         assert accuracy == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_tracking_server_run_is_announced_with_its_page_in_the_model_training_view(tmp_path: Path) -> None:
+    local = Tracker.create(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path), "e", "r", {})
+    assert local.page_url() is None
+    served = Tracker(local.tracking_uri, local.run_id)
+    served.tracking_uri = "http://mlflow.example:5000/"
+    experiment = served.client.get_run(served.run_id).info.experiment_id
+    assert served.page_url() == (
+        f"http://mlflow.example:5000/#/experiments/{experiment}/runs/{local.run_id}?workflowType=machine_learning"
+    )

@@ -142,7 +142,7 @@ def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Pat
     mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 1, "patch_size": 8, "patch_stride": 4}
     client, run = _launch_tiny_method(tmp_path, tiny_teacher, "mosaickd", mosaic)
     run_id = run.info.run_id
-    assert run.data.metrics["d/receptive_field"] == 8.0
+    assert run.data.params["derived.d/receptive_field"] == "8" and "d/receptive_field" not in run.data.metrics
     for key in ("loss/d", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
         assert len(client.get_metric_history(run_id, key)) == 4, key
     grids = logged_images(client, run_id, "samples")

@@ -203,6 +203,9 @@ class Worker:
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0
         if self.tracker is not None:
+            facts = self.method.facts()
+            if facts:
+                self.tracker.log_params({f"derived.{key}": value for key, value in facts.items()})
             self.logged_through = self.tracker.last_logged_step(THROUGHPUT_KEY)
             self.evaluated_through = self.tracker.last_logged_step("val/top1")
             if point.skipped:

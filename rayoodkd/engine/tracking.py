@@ -87,6 +87,15 @@ class Tracker:
         run = client.create_run(experiment_id, run_name=run_name, tags={**source_tags(), **tags})
         return cls(tracking_uri, run.info.run_id)
 
+    def page_url(self) -> str | None:
+        """The run's page in the MLflow UI, for a tracking server (``http(s)://``); None for a local store.
+        ``workflowType`` opens MLflow 3's model-training view rather than the GenAI one."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        base = self.tracking_uri.rstrip("/")
+        return f"{base}/#/experiments/{experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
+
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):

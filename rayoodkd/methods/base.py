@@ -276,6 +276,11 @@ class Method(ABC):
         """A batch in [0, 1] of what the method synthesises (for sample grids), or ``None``."""
         return None
 
+    def facts(self) -> dict[str, float | int | str]:
+        """What the method derives once from its config and models (e.g. MosaicKD's discriminator receptive
+        field): logged as MLflow params ``derived.<key>``, not as a curve that never moves."""
+        return {}
+
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the module itself)."""

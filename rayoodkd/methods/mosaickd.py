@@ -60,7 +60,7 @@ class MosaicKDConfig(MethodConfig):
         10,
         ge=1,
         le=32,
-        description="L: D's effective receptive field in pixels (logged as d/receptive_field)",
+        description="L: D's effective receptive field in pixels (the MLflow param derived.d/receptive_field)",
     )
     patch_stride: int = Field(4, ge=1, description="s: pixels between neighbouring patch logits")
     ndf: int = Field(128, ge=1, description="D width of the first conv")
@@ -232,6 +232,11 @@ class MosaicKD(Method):
     def samples(self) -> Tensor | None:
         return self._samples
 
+    def facts(self) -> dict[str, float | int | str]:
+        if self.discriminator is None:
+            return {}
+        return {"d/receptive_field": self.receptive_field, "d/patch_stride": self.output_stride}
+
     # ------------------------------------------------------------------------------------------- losses
 
     def _synthesize(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -281,8 +286,6 @@ class MosaicKD(Method):
                     "loss/d": loss_d.item(),
                     "d/real_prob": torch.sigmoid(d_real).mean().item(),
                     "d/fake_prob": torch.sigmoid(d_fake).mean().item(),
-                    "d/receptive_field": float(self.receptive_field),
-                    "d/patch_stride": float(self.output_stride),
                 }
             )
 
