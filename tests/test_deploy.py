@@ -65,7 +65,7 @@ def test_the_student_loads_from_mlflow_without_the_teacher_and_reproduces_the_te
     script = f"""
 import json, mlflow, torch
 mlflow.set_tracking_uri({tracker.tracking_uri!r})
-data = torch.load({str(tmp_path / "test.pt")!r})
+data = torch.load({str(tmp_path / "test.pt")!r}, weights_only=True)
 out = {{}}
 for name in ({STUDENT!r}, {STUDENT_BEST_VAL!r}, "models:/digits-student/1"):
     uri = name if name.startswith("models:/") else f"runs:/{tracker.run_id}/" + name
