@@ -34,6 +34,7 @@ from rayoodkd.config import ConfigError, build_config, resolve_config
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 
 COMPARE_FILE = "compare.json"
+ACCURACIES = ("test/top1", "best_val/top1", "test/top1_at_best_val")  # mean ± std; wall and img/s: means
 COLUMNS = {
     "test/top1": "test top-1 (final)",
     "best_val/top1": "best val top-1",
@@ -179,11 +180,12 @@ def _collect(cells: list[Cell], trials: str, tracking_uri: str) -> list[CellResu
     return results
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], spread: bool = True) -> str:
+    """``mean ± sample std`` (the mean alone for one value, or without ``spread``)."""
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    if len(values) == 1:
+    if len(values) == 1 or not spread:
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
@@ -201,8 +203,10 @@ def table_markdown(results: list[CellResult], name: str) -> str:
     for label in labels:
         done = [r for r in results if r.label == label and r.status == "FINISHED"]
         total = sum(r.label == label for r in results)
-        cells = [_mean_std([r.metrics[key] for r in done if key in r.metrics]) for key in COLUMNS]
-        cells[-2:] = [c.split(" ±")[0] if c != "–" else c for c in cells[-2:]]  # wall and img/s: means
+        cells = [
+            _mean_std([r.metrics[key] for r in done if key in r.metrics], spread=key in ACCURACIES)
+            for key in COLUMNS
+        ]
         lines.append(f"| {label} | {len(done)}/{total} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -354,7 +358,7 @@ def run_compare(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=root,
                 verbose=0,
-                callbacks=[_Progress(cells, log)],
+                callbacks=[_progress_callback(cells, log)],
             ),
         )
         tuner.fit()
@@ -385,24 +389,22 @@ def _aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
     return metrics
 
 
-class _Progress:
-    """A line per finished cell in the driver's console (Tune's own tables are off)."""
+def _progress_callback(cells: list[Cell], log: Any) -> Any:
+    """A Tune callback that logs a line per finished or failed cell (Tune's own tables are off)."""
+    from ray.tune import Callback
 
-    def __new__(cls, cells: list[Cell], log: Any) -> Any:
-        from ray.tune import Callback
+    class Progress(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            cell = cells[trial.config["cell"]]
+            result = trial.last_result or {}
+            top1 = result.get("test/top1_at_best_val", result.get("test/top1", math.nan))
+            log(f"done: {cell.label} seed {cell.seed}: test top-1 at best val {top1:.2f}")
 
-        class Progress(Callback):
-            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                cell = cells[trial.config["cell"]]
-                result = trial.last_result or {}
-                top1 = result.get("test/top1_at_best_val", result.get("test/top1", math.nan))
-                log(f"done: {cell.label} seed {cell.seed}: test top-1 at best val {top1:.2f}")
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            cell = cells[trial.config["cell"]]
+            log(f"failed: {cell.label} seed {cell.seed} (its MLflow run has the reason)")
 
-            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                cell = cells[trial.config["cell"]]
-                log(f"failed: {cell.label} seed {cell.seed} (its MLflow run has the reason)")
-
-        return Progress()
+    return Progress()
 
 
 def _parser() -> argparse.ArgumentParser:
