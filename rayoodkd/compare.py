@@ -140,22 +140,6 @@ def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, 
     )
 
 
-def _max_concurrent(cells: list[Cell], driver_cpus: float) -> int:
-    import ray
-
-    resources = ray.cluster_resources()
-    configs = [build_config(cell.config) for cell in cells]
-    # A run with num_workers=0 trains in the trial itself: count it as one worker. What is left over (at
-    # least half a CPU) is for Ray Data's read tasks (spec/ray.md P5, P7).
-    per_trial = max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
-    fits = int((resources.get("CPU", 1) - 0.5) // per_trial)
-    gpu_configs = [c for c in configs if c.use_gpu]
-    if gpu_configs:
-        per_trial_gpus = max(max(c.num_workers, 1) * c.resources.gpus_per_worker for c in gpu_configs)
-        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpus))
-    return max(fits, 1)
-
-
 def _collect(cells: list[Cell], trials: str, tracking_uri: str) -> list[CellResult]:
     """Each cell's figures from its MLflow run (a cell that never started has none)."""
     from mlflow.tracking import MlflowClient
@@ -284,6 +268,7 @@ def run_compare(
     from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.teacher import ensure_teacher
+    from rayoodkd.tune import trials_that_fit
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
@@ -343,7 +328,8 @@ def run_compare(
     )
     finished = {r.run_name for r in _collect(cells, trials, tracker.tracking_uri) if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
-    concurrent = min(_max_concurrent(cells, driver_cpus), max_concurrent or len(cells))
+    fits = trials_that_fit([build_config(cell.config) for cell in cells], driver_cpus)
+    concurrent = min(fits, max_concurrent or len(cells))
     log(
         f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"

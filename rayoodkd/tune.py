@@ -383,19 +383,25 @@ def _paths(space: SweepSpace, cfg: BaseRunConfig) -> SweepPaths:
     return SweepPaths(f"{storage}/{space.name}", cfg.tracking_uri or default_tracking_uri(cfg.storage_path))
 
 
-def _max_concurrent(space: SweepSpace, cfg: BaseRunConfig) -> int:
-    """Trials that fit at once, leaving half a CPU for Ray Data (spec/ray.md P5, P7)."""
+def trials_that_fit(configs: list[BaseRunConfig], driver_cpus: float) -> int:
+    """Runs of these configs (one Tune trial each) that fit on the cluster at once, sized for the largest,
+    leaving half a CPU for Ray Data's read tasks (spec/ray.md P5, P7). A run with ``num_workers=0`` trains
+    in its trial: it counts as one worker."""
     import ray
 
-    if space.max_concurrent_trials:
-        return space.max_concurrent_trials
-    workers = max(cfg.num_workers, 1)
     resources = ray.cluster_resources()
-    per_trial_cpus = space.trial.driver_cpus + workers * cfg.resources.cpus_per_worker
-    fits = int((resources.get("CPU", 1) - 0.5) // per_trial_cpus)
-    if cfg.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // (workers * cfg.resources.gpus_per_worker)))
+    per_trial = max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
+    fits = int((resources.get("CPU", 1) - 0.5) // per_trial)
+    on_gpus = [c for c in configs if c.use_gpu]
+    if on_gpus:
+        per_trial_gpus = max(max(c.num_workers, 1) * c.resources.gpus_per_worker for c in on_gpus)
+        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpus))
     return max(fits, 1)
+
+
+def _max_concurrent(space: SweepSpace, cfg: BaseRunConfig) -> int:
+    """The space's own cap, else the trials that fit."""
+    return space.max_concurrent_trials or trials_that_fit([cfg], space.trial.driver_cpus)
 
 
 def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
