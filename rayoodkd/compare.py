@@ -399,7 +399,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run several configs over several seeds as concurrent Ray Tune trials and report mean "
         "± std (a markdown table, a CSV and a PNG of validation curves, also logged to MLflow).",
         epilog="example: rayoodkd compare --configs mnist-kd-letters mnist-mosaickd-letters --seeds 0 1 2 "
-        'max_steps=2000\n         rayoodkd compare --configs demo "demo kd_ood.lr=0.01" --seeds 0 1',
+        "max_steps=2000\n         rayoodkd compare --configs demo "
+        '"demo kd_ood.optim.student.lr=0.05" --seeds 0 1',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

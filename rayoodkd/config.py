@@ -10,6 +10,7 @@ section per registered method, named after it (``kd_ood.temperature=4``), valida
 from __future__ import annotations
 
 import copy
+import typing
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from rayoodkd.data.config import CorpusConfig
+from rayoodkd.data.config import Corpus, CorpusConfig
 
 PRESET_PACKAGE = "rayoodkd.configs"
 # The batch augmentations of rayoodkd.augment (defined here so that the config imports no torch).
@@ -48,9 +49,9 @@ class TeacherRecipe(Section):
     """How to train the teacher when no checkpoint is given (the result is cached by content)."""
 
     arch: str = "lenet5"
-    train: CorpusConfig = CorpusConfig(source="mnist5k", split="train")
-    val: CorpusConfig = CorpusConfig(source="mnist5k", split="val")
-    test: CorpusConfig = CorpusConfig(source="mnist5k", split="test")
+    train: Corpus = CorpusConfig(source="mnist5k", split="train")
+    val: Corpus = CorpusConfig(source="mnist5k", split="val")
+    test: Corpus = CorpusConfig(source="mnist5k", split="test")
     num_classes: int = Field(10, ge=2)
     image_size: int = Field(28, ge=8)
     channels: Literal[1, 3] = 1
@@ -117,15 +118,16 @@ class DataConfig(Section):
     ``ood`` is unlabelled out-of-domain data, ``web`` webly collected data, ``labelled`` labelled training
     images (in-domain for ``kd_id``, the student domain's small labelled split for DFQ+ and AuG-KD). ``val``
     selects the best student; ``test`` is the held-out set reported as the final accuracy. Both must be set
-    (the demo preset sets MNIST-5k's splits): a run never evaluates on a set it was not given.
+    (the demo preset sets MNIST-5k's splits): a run never evaluates on a set it was not given. Each is one
+    corpus or a union of several (a list of corpora; see ``rayoodkd.data.config.Corpus``).
     ``transforms.<stream>`` overrides the augmentation and normaliser of one stream.
     """
 
-    ood: CorpusConfig | None = None
-    web: CorpusConfig | None = None
-    labelled: CorpusConfig | None = None
-    val: CorpusConfig | None = None
-    test: CorpusConfig | None = None
+    ood: Corpus | None = None
+    web: Corpus | None = None
+    labelled: Corpus | None = None
+    val: Corpus | None = None
+    test: Corpus | None = None
     batch_size: int = Field(128, ge=1, description="images per worker per batch")
     shuffle_buffer: int = Field(2048, ge=0)
     augment: AugmentMode = "crop"
@@ -329,15 +331,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``data[path[0]][path[1]]... = value`` in place, creating the missing mappings."""
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
+    """Set ``data[path[0]][path[1]]... = value`` in place, creating the missing mappings. In a list a part is
+    an index (``data.ood.1.num_images``: a member of a union), else a :class:`ConfigError`."""
+    node: dict[str, Any] | list[Any] = data
+    for depth, part in enumerate(path):
+        key: str | int = part
+        if isinstance(node, list):
+            parent = ".".join(path[:depth])
+            if not part.isdigit():
+                example = ".".join([parent, "0", *path[depth:]])
+                raise ConfigError(
+                    f"{parent}: a list of {len(node)}; name an item by its index, e.g. {example}"
+                )
+            if int(part) >= len(node):
+                raise ConfigError(
+                    f"{parent}.{part}: no such item; {parent} has {len(node)} (0 to {len(node) - 1})"
+                )
+            key = int(part)
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        child = node[key] if isinstance(node, list) else node.get(part)
+        if not isinstance(child, dict | list):
             child = {}
-            node[part] = child
+            node[key] = child
         node = child
-    node[path[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -349,24 +367,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds: ``X``, ``X | None``, ``list[X]``, ``Annotated[X, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
 def _allowed_keys(model: Any, loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list (a member of a union): the same model
+            continue
         field = model.model_fields.get(part)
-        if field is None:
+        models = _models_in(field.annotation) if field is not None else []
+        if not models:
             return []
-        candidates = getattr(field.annotation, "__args__", (field.annotation,))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
+        model = models[0]
     return sorted(model.model_fields)
 
 
 def _describe(model: type[BaseModel], error: ValidationError, prefix: str) -> str:
     first = error.errors()[0]
-    loc = tuple(part for part in first["loc"] if isinstance(part, str))
-    key = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
+    loc = first["loc"]  # field names, and list indices (``data.ood.1.source``: a member of a union)
+    key = prefix + ".".join(map(str, loc)) if loc else prefix.rstrip(".") or "<root>"
     if first["type"] == "extra_forbidden":
-        parent = prefix + ".".join(loc[:-1])
+        parent = prefix + ".".join(map(str, loc[:-1]))
         where = f" under {parent.rstrip('.')!r}" if parent.rstrip(".") else ""
         return f"unknown key {key!r}; allowed keys{where}: {', '.join(_allowed_keys(model, loc))}"
     message = first["msg"].removeprefix("Value error, ")

@@ -91,6 +91,13 @@ def _keep_intact(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: value[keep] for key, value in batch.items()}
 
 
+def _rows_and_corrupt(dataset: Any) -> tuple[int, int]:
+    """How many rows ``dataset`` has, and how many of them are flagged corrupt."""
+    flags = dataset.select_columns(["corrupt"]).iter_batches(batch_size=None, batch_format="numpy")
+    counts = [(len(batch["corrupt"]), int(batch["corrupt"].sum())) for batch in flags]
+    return sum(n for n, _ in counts), sum(c for _, c in counts)
+
+
 def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
     """The Ray datasets of the run, how many corrupt images each held (materialised ones), and how many
     intact rows each consumed stream has (what its epochs are made of)."""
@@ -113,23 +120,24 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
-            flags = dataset.select_columns(["corrupt"]).iter_batches(batch_size=None, batch_format="numpy")
-            counts = [(len(batch["corrupt"]), int(batch["corrupt"].sum())) for batch in flags]
-            rows, corrupt[name] = sum(n for n, _ in counts), sum(c for _, c in counts)
+            rows, corrupt[name] = _rows_and_corrupt(dataset)
             intact = rows - corrupt[name]
             if intact == 0:
-                raise ConfigError(f"{key}.source: none of its {rows} images could be decoded (all corrupt)")
+                raise ConfigError(f"{key}: none of its {rows} images could be decoded (all corrupt)")
             needed = cfg.data.batch_size * max(cfg.num_workers, 1)
             if name in consumes and intact < needed:
                 raise ConfigError(
-                    f"{key}.source: {intact} intact images, fewer than one batch per worker (data.batch_size "
+                    f"{key}: {intact} intact images, fewer than one batch per worker (data.batch_size "
                     f"{cfg.data.batch_size} x {max(cfg.num_workers, 1)} workers); lower data.batch_size"
                 )
             if corrupt[name]:
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
             rows_of[name] = intact
         elif name in consumes:
-            rows_of[name] = dataset.count()
+            # The workers skip corrupt rows as they stream; an epoch is made of the intact ones (one decoding
+            # pass, as count() would make through the decoding map).
+            rows, skipped = _rows_and_corrupt(dataset)
+            rows_of[name] = rows - skipped
         datasets[name] = dataset
     return datasets, corrupt, {name: rows_of[name] for name in consumes}
 

@@ -2,8 +2,9 @@
 
 Everything that can be known from the config and the files it names is checked here, so a bad input ends
 in one line naming the key (exit 2) instead of a worker traceback and an orphaned MLflow run: storage is
-writable, the tracking server answers, every corpus exists and is non-empty (parquet: with the configured
-columns), the teacher is a readable rayoodkd teacher, and the student and the method can be built for it.
+writable, the tracking server answers, every corpus (each member of a union) exists and is non-empty
+(parquet: with the configured columns), the teacher is a readable rayoodkd teacher, and the student and the
+method can be built for it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow.fs as pafs
 import torch
 
 from rayoodkd.config import BaseRunConfig, ConfigError
-from rayoodkd.data.config import CorpusConfig
+from rayoodkd.data.config import Corpus, CorpusConfig
 from rayoodkd.errors import first_line
 from rayoodkd.methods.base import Stage
 from rayoodkd.storage import filesystem
@@ -58,8 +59,24 @@ def check_tracking(tracking_uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> 
         ) from None
 
 
-def check_corpus(key: str, corpus: CorpusConfig) -> None:
-    """The corpus at ``key`` exists and holds images (parquet: with its image and label columns)."""
+def check_corpus(key: str, corpus: Corpus) -> None:
+    """The corpus at ``key`` exists and holds images (parquet: with its image and label columns); in a
+    union each member does (``data.ood.1.source: ...`` names the second), and its labelled members number
+    their classes alike."""
+    from rayoodkd.data.readers import class_names_of
+
+    if isinstance(corpus, CorpusConfig):
+        _check_member(key, corpus)
+        return
+    for index, member in enumerate(corpus):
+        _check_member(f"{key}.{index}", member)
+    try:
+        class_names_of(corpus)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{key}.{first_line(error)}") from None
+
+
+def _check_member(key: str, corpus: CorpusConfig) -> None:
     from rayoodkd.data.builtin import HERSHEY_DIR, HERSHEY_MISSING
     from rayoodkd.data.readers import IMAGE_EXTENSIONS, filesystem_and_path, resolve_format
 
@@ -117,11 +134,11 @@ def _check_parquet(key: str, corpus: CorpusConfig, fs: pafs.FileSystem, path: st
     raise ConfigError(f"{key}.source: {corpus.source} holds no rows")
 
 
-def corpora(cfg: BaseRunConfig) -> dict[str, CorpusConfig]:
+def corpora(cfg: BaseRunConfig) -> dict[str, Corpus]:
     """Every corpus the run reads: the streams its method consumes, then ``val`` and ``test``."""
     from rayoodkd.methods import METHODS
 
-    found: dict[str, CorpusConfig] = {}
+    found: dict[str, Corpus] = {}
     for name in [*sorted(METHODS.get(cfg.method).consumes), "val", "test"]:
         corpus = getattr(cfg.data, name)
         if corpus is None and name in ("val", "test"):

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 
 from rayoodkd.config import ConfigError, Section, TeacherConfig, TeacherRecipe, apply_overrides
 from rayoodkd.data.builtin import cache_root
-from rayoodkd.data.config import CorpusConfig
+from rayoodkd.data.config import Corpus, describe_corpus
 from rayoodkd.errors import first_line, one_line
 
 # torch and the model zoo load when a teacher is trained, imported or read, not for --help.
@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
 
 def load_tensors(
-    corpus: CorpusConfig, image_size: int, channels: int, cache_dir: str | None = None, seed: int = 0
+    corpus: Corpus, image_size: int, channels: int, cache_dir: str | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor, int]:
-    """A (small) corpus read through Ray Data into memory: images in [0, 1], labels, corrupt rows skipped."""
+    """A (small) corpus or union read through Ray Data into memory: images in [0, 1], labels, corrupt rows
+    skipped."""
     import torch
 
     from rayoodkd.data import load_corpus
@@ -60,7 +61,7 @@ def load_tensors(
         images.append(batch["image"][keep])
         labels.append(batch["label"][keep].long())
     if not images:
-        raise ValueError(f"corpus {corpus.source!r} is empty")
+        raise ValueError(f"corpus {describe_corpus(corpus)} is empty")
     return torch.cat(images), torch.cat(labels), corrupt
 
 
@@ -178,8 +179,10 @@ class ImportSpec(Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="more constructor arguments (kwargs.width=64), recorded in the file"
     )
-    test: CorpusConfig | None = Field(
-        None, description="a labelled set to score the imported teacher on (test.source=..., test.split=test)"
+    test: Corpus | None = Field(
+        None,
+        description="a labelled set (or a union: a list of them) to score the imported teacher on "
+        "(test.source=..., test.split=test)",
     )
 
     @field_validator("kwargs")
@@ -249,7 +252,7 @@ def _check_logits(model: nn.Module, spec: ImportSpec) -> None:
 
 
 def score_teacher(
-    model: nn.Module, info: TeacherInfo, corpus: CorpusConfig, cache_dir: str | None = None, key: str = "test"
+    model: nn.Module, info: TeacherInfo, corpus: Corpus, cache_dir: str | None = None, key: str = "test"
 ) -> tuple[dict[str, float], int]:
     """Top-1/top-5 (%) of ``model`` on a labelled corpus (as ``test``/``test_top5``) and its size; the
     corpus is read as the teacher sees it (``info``'s size, channels and normaliser). Any problem with the
@@ -308,7 +311,7 @@ def import_teacher(
     info.recipe, info.kwargs = {"imported_from": str(weights)}, dict(spec.kwargs)
     if spec.test is not None:
         info.accuracy, info.recipe["test_images"] = score_teacher(model, info, spec.test, cache_dir)
-        info.recipe["test"] = spec.test.model_dump(mode="json", exclude_defaults=True)
+        info.recipe["test"] = spec.model_dump(mode="json", include={"test"}, exclude_defaults=True)["test"]
     save_teacher(out, model, info)
     return info
 
@@ -321,7 +324,8 @@ def _import_main(argv: list[str]) -> int:
         "torchvision:NAME, timm:NAME (pip install timm) or module.path:ClassName (your nn.Module, importable "
         "from the current directory or PYTHONPATH; built with kwargs.*, plus num_classes/in_channels/"
         "image_size where its signature names them). test.source=... test.split=...: score it on a "
-        "labelled set (CorpusConfig keys, as the training recipe's test.*). See docs/teachers.md.",
+        "labelled set (CorpusConfig keys, as the training recipe's test.*, or a list of them: a union). "
+        "See docs/teachers.md.",
     )
     parser.add_argument("spec", nargs="*", metavar="KEY=VALUE", help="e.g. arch=resnet18 num_classes=10")
     parser.add_argument("--weights", required=True, help="the foreign .pth/.pt file")
@@ -337,8 +341,10 @@ def _import_main(argv: list[str]) -> int:
     shape = f"{info.num_classes} classes, {info.channels}x{info.image_size}x{info.image_size}"
     scored = ""
     if "test" in info.accuracy:
-        test = spec.test.source + (f" ({spec.test.split})" if spec.test.split else "")
-        scored = f", test top-1 {info.accuracy['test']:.2f}% on {info.recipe['test_images']} images of {test}"
+        scored = (
+            f", test top-1 {info.accuracy['test']:.2f}% on {info.recipe['test_images']} images of "
+            f"{describe_corpus(spec.test)}"
+        )
     print(f"teacher: imported {info.arch} ({shape}{scored}) -> {args.out}")
     return 0
 

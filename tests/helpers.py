@@ -9,7 +9,7 @@ import torch
 from rayoodkd.config import BaseRunConfig, resolve_config
 from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.methods.base import RunContext
+from rayoodkd.methods.base import Method, RunContext
 
 
 def small_context(world_size: int = 1, rank: int = 0, batch_size: int = 128) -> RunContext:
@@ -72,3 +72,13 @@ def logged_images(client: object, run_id: str, key: str) -> dict[int, str]:
         if artifact.path.startswith(prefix) and artifact.path.endswith(".png"):
             found[int(artifact.path[len(prefix) :].split("+")[0])] = artifact.path
     return found
+
+
+def step_metrics(method: Method, data: object) -> dict[str, float]:
+    """One ``train_step`` with its metrics as floats; a tensor metric must be a detached 0-d tensor (the
+    engine sums them on the device)."""
+    metrics = method.train_step(data)  # type: ignore[arg-type]
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dim() == 0 and not value.requires_grad, f"{key}: {value!r}"
+    return {key: float(value) for key, value in metrics.items()}

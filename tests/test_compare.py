@@ -14,16 +14,20 @@ from rayoodkd.config import ConfigError
 
 
 def test_an_item_carries_its_own_overrides_and_a_bad_key_names_its_item() -> None:
-    entry = Entry.parse("demo kd_ood.lr=0.01")
-    assert (entry.ref, entry.overrides, entry.label) == ("demo", ["kd_ood.lr=0.01"], "demo kd_ood.lr=0.01")
+    entry = Entry.parse("demo kd_ood.optim.student.lr=0.01")
+    assert (entry.ref, entry.overrides, entry.label) == (
+        "demo",
+        ["kd_ood.optim.student.lr=0.01"],
+        "demo kd_ood.optim.student.lr=0.01",
+    )
     cells = plan([Entry.parse("demo"), entry], [0, 1], ["max_steps=10"], "cmp")
     assert [(c.label, c.seed, c.config["max_steps"]) for c in cells] == [
         ("demo", 0, 10),
         ("demo", 1, 10),
-        ("demo kd_ood.lr=0.01", 0, 10),
-        ("demo kd_ood.lr=0.01", 1, 10),
+        ("demo kd_ood.optim.student.lr=0.01", 0, 10),
+        ("demo kd_ood.optim.student.lr=0.01", 1, 10),
     ]
-    assert cells[3].config["kd_ood"]["lr"] == 0.01 and cells[3].config["seed"] == 1
+    assert cells[3].config["kd_ood"]["optim"]["student"]["lr"] == 0.01 and cells[3].config["seed"] == 1
     assert len({c.run_name for c in cells}) == 4
     with pytest.raises(ConfigError, match=r"--configs 'demo kd_ood.lrr=1'.*kd_ood.lrr"):
         plan([Entry.parse("demo kd_ood.lrr=1")], [0], [], "cmp")
@@ -78,13 +82,13 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
         "max_steps=4",
         "eval.every=2",
     ]
-    entries = [Entry.parse("demo"), Entry.parse("demo kd_ood.lr=0.001")]
+    entries = [Entry.parse("demo"), Entry.parse("demo kd_ood.optim.student.lr=0.001")]
     result = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "out")
     assert [(r.label, r.seed, r.status) for r in result.results] == [
         ("demo", 0, "FINISHED"),
         ("demo", 1, "FINISHED"),
-        ("demo kd_ood.lr=0.001", 0, "FINISHED"),
-        ("demo kd_ood.lr=0.001", 1, "FINISHED"),
+        ("demo kd_ood.optim.student.lr=0.001", 0, "FINISHED"),
+        ("demo kd_ood.optim.student.lr=0.001", 1, "FINISHED"),
     ]
     assert all([step for step, _ in r.curve] == [2, 4] for r in result.results)
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
@@ -105,8 +109,8 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
     assert sorted((c.data.tags["compare.config"], c.data.tags["seed"]) for c in children) == [
         ("demo", "0"),
         ("demo", "1"),
-        ("demo kd_ood.lr=0.001", "0"),
-        ("demo kd_ood.lr=0.001", "1"),
+        ("demo kd_ood.optim.student.lr=0.001", "0"),
+        ("demo kd_ood.optim.student.lr=0.001", "1"),
     ]
     # The same comparison again: every cell is finished, so nothing trains; the figures are the same.
     again = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "again")

@@ -77,9 +77,11 @@ def test_every_preset_validates_and_extends_resolve() -> None:
 
 def test_yaml_file_config(tmp_path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"extends": "demo", "seed": 7, "kd_ood": {"lr": 0.01}}))
+    path.write_text(
+        yaml.safe_dump({"extends": "demo", "seed": 7, "kd_ood": {"optim": {"student": {"lr": 0.02}}}})
+    )
     cfg = resolve_config(str(path))
-    assert (cfg.seed, cfg.kd_ood.lr, cfg.kd_ood.temperature) == (7, 0.01, 5.0)
+    assert (cfg.seed, cfg.kd_ood.optim.student.lr, cfg.kd_ood.temperature) == (7, 0.02, 5.0)
 
 
 def test_cli_bad_override_exits_nonzero_with_one_line() -> None:

@@ -12,6 +12,7 @@ from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.evaluation import evaluate
 from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import tensor_source
 from rayoodkd.methods import METHODS
@@ -67,7 +68,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path, me
 
 def test_kd_loss_decreases_and_checkpoint_is_complete(tmp_path: Path, tiny_teacher: Path) -> None:
     session = _session(tmp_path)
-    config = _config(tiny_teacher, max_steps=60, **{"eval.every": 30, "log_every": 10, "kd_ood.lr": 0.05})
+    config = _config(
+        tiny_teacher, max_steps=60, **{"eval.every": 30, "log_every": 10, "kd_ood.optim.student.lr": 0.05}
+    )
     run_worker(config, session)
     first, last = session.reports[0]["loss/kd"], session.reports[-1]["loss/kd"]
     assert last < 0.7 * first
@@ -134,3 +137,28 @@ def test_augment_translates_without_changing_content_mass() -> None:
     assert out.shape == images.shape
     assert torch.allclose(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
     assert not torch.equal(out, images)
+
+
+def test_a_run_relaunched_with_a_larger_budget_anneals_over_the_new_budget(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    first = _session(tmp_path / "run")
+    run_worker(_config(tiny_teacher), first)
+    longer = _session(tmp_path / "run", resume_from=tmp_path / "run")
+    run_worker(_config(tiny_teacher, max_steps=16), longer)
+    assert longer.reports[-1]["step"] == 16 and longer.reports[-1]["resumed_from_step"] == 8
+    scheduler = load_state(longer.checkpoints[-1])["schedulers"]["student"]
+    assert scheduler["last_epoch"] == 16
+    assert scheduler["_last_lr"] == pytest.approx([0.0], abs=1e-12)  # not back at lr, as a T_max of 8 gives
+
+
+def test_step_metrics_are_averaged_on_the_device_and_images_are_summed() -> None:
+    pending = MetricAccumulator()
+    pending.add({"loss/kd": torch.tensor(1.0), "images": 32.0, "lr/student": 0.1})
+    pending.add(
+        {"loss/kd": torch.tensor(3.0), "loss/ce": torch.tensor(0.5), "images": 32.0, "lr/student": 0.1}
+    )
+    assert pending.flush() == pytest.approx(
+        {"loss/kd": 2.0, "loss/ce": 0.5, "images": 64.0, "lr/student": 0.1}
+    )
+    assert pending.flush() == {}

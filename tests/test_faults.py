@@ -279,7 +279,7 @@ def test_oversized_worker_count_and_all_corrupt_corpus_are_refused_in_one_line(
     for index in range(5):
         (broken / f"{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(40)))
     err = _refused(capsys, _overrides(tmp_path, tiny_teacher, f"data.ood.source={broken}"))
-    assert err == "error: data.ood.source: none of its 5 images could be decoded (all corrupt)"
+    assert err == "error: data.ood: none of its 5 images could be decoded (all corrupt)"
     _no_run_left_running(tmp_path / "runs")
 
 
@@ -287,7 +287,12 @@ def test_oversized_worker_count_and_all_corrupt_corpus_are_refused_in_one_line(
 def test_deepinv_resumes_each_ranks_own_image_pool_on_two_workers(
     tmp_path: Path, bn_teacher: Path, ray_local
 ) -> None:
-    deepinv = ["deepinv.batch_size=8", "deepinv.g_steps=2", "deepinv.kd_steps=1", "deepinv.pool_size=64"]
+    deepinv = [
+        "deepinv.batch_size=8",
+        "deepinv.inversion_steps=2",
+        "deepinv.student_steps=1",
+        "deepinv.pool_size=64",
+    ]
     common = ["method=deepinv", "data.ood=null", "max_steps=4", "eval.every=2", *deepinv]
     straight = launch(_tiny(tmp_path, bn_teacher, "run_name=straight", *common))
     interrupted = launch(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import step_metrics
 from torch import Tensor, nn
 
 from rayoodkd.config import ConfigError, resolve_config
@@ -26,7 +27,7 @@ from rayoodkd.methods.mosaickd import (
 from rayoodkd.models import build_classifier, receptive_field, total_stride
 
 SIZE = 16
-TINY = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 2}
+TINY = {"nz": 8, "ngf": 4, "ndf": 4, "student_steps": 2}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,7 +102,7 @@ def test_one_outer_iteration_updates_g_d_s_and_leaves_teacher_untouched() -> Non
     method = _method()
     before = {name: _snapshot(m) for name, m in {**method.players(), "teacher": method.teacher}.items()}
     data = FakeStreams(method.ctx)
-    metrics = method.train_step(data)
+    metrics = step_metrics(method, data)
     assert set(method.players()) == {"generator", "discriminator", "student"}
     for name in ("generator", "discriminator", "student"):
         params = dict(method.players()[name].named_parameters())
@@ -111,8 +112,8 @@ def test_one_outer_iteration_updates_g_d_s_and_leaves_teacher_untouched() -> Non
         assert torch.equal(value, before["teacher"][key])
     assert all(p.grad is None for p in method.teacher.parameters())
     # one un-augmented D view, then one augmented OOD batch per KD step
-    assert data.draws == [False] + [True] * TINY["kd_steps"]
-    assert metrics["images"] == TINY["kd_steps"] * (8 + 8)
+    assert data.draws == [False] + [True] * TINY["student_steps"]
+    assert metrics["images"] == TINY["student_steps"] * (8 + 8)
     for key in ("loss/d", "loss/g", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["g/class_entropy"] <= math.log(10) + 1e-6
@@ -123,8 +124,8 @@ def test_one_outer_iteration_updates_g_d_s_and_leaves_teacher_untouched() -> Non
 
 
 def test_schedulers_step_once_per_outer_iteration() -> None:
-    method = _method(lr=0.1)
-    method.train_step(FakeStreams(method.ctx))
+    method = _method(optim={"student": {"lr": 0.1}})
+    step_metrics(method, FakeStreams(method.ctx))
     expected = 0.1 * (1 + math.cos(math.pi / 10)) / 2  # cosine with T_max = max_steps = 10
     assert method.optimizer_s.param_groups[0]["lr"] == pytest.approx(expected)
     assert {s.last_epoch for s in method.schedulers().values()} == {1}
@@ -203,7 +204,7 @@ def test_train_step_wires_the_reductions_and_weights(reduction: str, patches: in
     method.discriminator = _Fixed(patch_logits)
     method.teacher = _Fixed(teacher_logits)
     method.student = _Fixed(teacher_logits)  # S = T on every image: L_adv = 0, L_kd = 0
-    metrics = method.train_step(FakeStreams(method.ctx, batch=4))
+    metrics = step_metrics(method, FakeStreams(method.ctx, batch=4))
     d = patch_logits.expand(4, 1, 2, 2)
     assert metrics["loss/local"] == pytest.approx(patch_bce(d, True, 4).item() / patches)
     expected_d = 0.5 * (patch_bce(d, False, 8) + patch_bce(d, True, 8)).item() / patches
@@ -240,7 +241,7 @@ def test_without_discriminator_there_is_no_d_step_and_no_local_term() -> None:
     method = _method(use_discriminator=False)
     assert method.discriminator is None
     assert "discriminator" not in method.players() | method.optimizers() | method.schedulers()
-    metrics = method.train_step(FakeStreams(method.ctx))
+    metrics = step_metrics(method, FakeStreams(method.ctx))
     assert not {"loss/d", "loss/local", "d/real_prob"} & set(metrics) and method.facts() == {}
     assert metrics["loss/g"] == pytest.approx(
         metrics["loss/align"] + 10 * metrics["loss/balance"] + metrics["loss/adv"], rel=1e-5
@@ -251,8 +252,8 @@ def test_without_discriminator_there_is_no_d_step_and_no_local_term() -> None:
 def test_without_adversarial_the_generator_ignores_the_student(use_adversarial: bool) -> None:
     method = _method(use_adversarial=use_adversarial)
     student_calls = _count_forwards(method.student)
-    metrics = method.train_step(FakeStreams(method.ctx))
-    assert student_calls[0] == TINY["kd_steps"] + int(use_adversarial)
+    metrics = step_metrics(method, FakeStreams(method.ctx))
+    assert student_calls[0] == TINY["student_steps"] + int(use_adversarial)
     assert ("loss/adv" in metrics) is use_adversarial
     if not use_adversarial:
         assert metrics["loss/g"] == pytest.approx(

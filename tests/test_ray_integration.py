@@ -139,7 +139,7 @@ def _launch_tiny_method(
 
 
 def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
-    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 1, "patch_size": 8, "patch_stride": 4}
+    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "student_steps": 1, "patch_size": 8, "patch_stride": 4}
     client, run = _launch_tiny_method(tmp_path, tiny_teacher, "mosaickd", mosaic)
     run_id = run.info.run_id
     assert run.data.params["derived.d/receptive_field"] == "8" and "d/receptive_field" not in run.data.metrics

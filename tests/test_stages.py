@@ -32,7 +32,7 @@ STAGED = [
     "dfq_finetune.batch_size=8",
     "dfq_finetune.ngf=4",
     "dfq_finetune.nz=8",
-    "dfq_finetune.kd_steps=1",
+    "dfq_finetune.student_steps=1",
     "dfq_finetune.datafree_steps=4",
     "dfq_finetune.finetune_steps=4",
 ]
@@ -101,7 +101,7 @@ def test_the_selected_snapshot_of_stage_one_is_what_stage_two_starts_from(
     """With a negligible fine-tuning learning rate, the student after two fine-tuning steps is stage 1's
     selected snapshot (and not its last step, when the two differ)."""
     session = _run(
-        tmp_path / "run", bn_teacher, "dfq_finetune.finetune_lr=1e-9", "dfq_finetune.finetune_steps=2"
+        tmp_path / "run", bn_teacher, "dfq_finetune.optim.finetune.lr=1e-9", "dfq_finetune.finetune_steps=2"
     )
     stage_end = load_state(tmp_path / "run" / "step_0000004")
     selected = stage_end["stage_best"]["players"]["student"]

@@ -51,10 +51,19 @@ def test_overrides_go_to_the_space_or_to_every_trial() -> None:
     ("text", "message"),
     [
         ("search: {kd_ood.lrr: {grid: [0.1]}}", "search.kd_ood.lrr = 0.1: unknown key 'kd_ood.lrr'"),
-        ("search: {kd_ood.lr: {grid: [-1]}}", "search.kd_ood.lr = -1: invalid value for 'kd_ood.lr'"),
-        ("search: {kd_ood.lr: {uniform: [1]}}", "kd_ood.lr: uniform takes a list of 2 numbers"),
-        ("search: {kd_ood.lr: {loguniform: [0, 1]}}", "kd_ood.lr: loguniform needs low > 0"),
-        ("search: {kd_ood.lr: {normal: [0, 1]}}", "expected one of {choice, grid"),
+        (
+            "search: {kd_ood.optim.student.lr: {grid: [-1]}}",
+            "search.kd_ood.optim.student.lr = -1: invalid value for 'kd_ood.optim.student.lr'",
+        ),
+        (
+            "search: {kd_ood.optim.student.lr: {uniform: [1]}}",
+            "kd_ood.optim.student.lr: uniform takes a list of 2 numbers",
+        ),
+        (
+            "search: {kd_ood.optim.student.lr: {loguniform: [0, 1]}}",
+            "kd_ood.optim.student.lr: loguniform needs low > 0",
+        ),
+        ("search: {kd_ood.optim.student.lr: {normal: [0, 1]}}", "expected one of {choice, grid"),
         ("search: {}", "invalid value for 'search': needs at least one KEY"),
         ("search: {seed: {grid: [1]}}\nmetric: accuracy", "invalid value for 'metric'"),
         ("search: {seed: {grid: [1]}}\nscheduler: {type: hyperband}", "invalid value for 'scheduler.type'"),
@@ -93,7 +102,7 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
     rows = [
         TrialRow(
             "a_00000",
-            {"kd_ood.lr": 0.05},
+            {"kd_ood.optim.student.lr": 0.05},
             61.0,
             61.0,
             {"test/top1": 60.5},
@@ -104,18 +113,30 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
             "/ck/a",
             "r1",
         ),
-        TrialRow("a_00001", {"kd_ood.lr": 1e-5}, 9.5, 9.5, {}, 10, 40, True, "TERMINATED", "/ck/b", "r2"),
+        TrialRow(
+            "a_00001",
+            {"kd_ood.optim.student.lr": 1e-5},
+            9.5,
+            9.5,
+            {},
+            10,
+            40,
+            True,
+            "TERMINATED",
+            "/ck/b",
+            "r2",
+        ),
     ]
     result = SweepResult(space, rows, rows[0], trial_config(base, rows[0].sampled), "p", "sqlite://")
     table = list(csv.DictReader(results_csv(result).splitlines()))
     assert [r["trial_id"] for r in table] == ["a_00000", "a_00001"]
     assert table[1]["stopped_early"] == "True" and table[1]["steps"] == "10"
-    assert table[0]["kd_ood.lr"] == "0.05" and table[0]["val/top1"] == "61.0"
+    assert table[0]["kd_ood.optim.student.lr"] == "0.05" and table[0]["val/top1"] == "61.0"
     assert table[0]["test/top1"] == "60.5" and table[1]["test/top1"] == ""
     best = tmp_path / "best.yaml"
     best.write_text(best_yaml(result))
     cfg = resolve_config(str(best))
-    assert cfg.kd_ood.lr == 0.05 and cfg.max_steps == 40 and cfg.num_workers == 1
+    assert cfg.kd_ood.optim.student.lr == 0.05 and cfg.max_steps == 40 and cfg.num_workers == 1
     assert "run_name" not in yaml.safe_load(best.read_text()) or cfg.run_name is None
     assert "38% saved" in result.table()
 
@@ -138,7 +159,7 @@ def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local
     assert stopped, result.table()
     assert all(row.steps < 40 for row in stopped)
     assert result.best is not None and not result.best.stopped_early
-    assert result.best.sampled["kd_ood.lr"] >= 0.02  # the no-learning rates never win
+    assert result.best.sampled["kd_ood.optim.student.lr"] >= 0.02  # the no-learning rates never win
 
     table = list(csv.DictReader((output / "results.csv").read_text().splitlines()))
     assert len(table) == 4 and {r["stopped_early"] for r in table} == {"True", "False"}
@@ -155,7 +176,9 @@ def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local
     by_id = {run.info.run_id: run for run in children}
     for row in result.rows:
         child = by_id[row.mlflow_run_id]
-        assert float(child.data.params["kd_ood.lr"]) == pytest.approx(row.sampled["kd_ood.lr"])
+        assert float(child.data.params["kd_ood.optim.student.lr"]) == pytest.approx(
+            row.sampled["kd_ood.optim.student.lr"]
+        )
         assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
         assert client.get_metric_history(row.mlflow_run_id, "val/top1")
 

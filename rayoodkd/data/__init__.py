@@ -9,18 +9,21 @@ import importlib
 from typing import Any
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, builtin_arrays, materialize_builtin
-from rayoodkd.data.config import CorpusConfig
+from rayoodkd.data.config import Corpus, CorpusConfig, corpus_members, describe_corpus
 from rayoodkd.data.decode import decode_batch
 
 _READERS = ("class_names_of", "corpus_summary", "load_corpus", "resolve_format")
 
 __all__ = [
     "BUILTIN_SOURCES",
+    "Corpus",
     "CorpusConfig",
     "builtin_arrays",
     "class_names_of",
+    "corpus_members",
     "corpus_summary",
     "decode_batch",
+    "describe_corpus",
     "load_corpus",
     "materialize_builtin",
     "resolve_format",

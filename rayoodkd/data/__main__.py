@@ -1,4 +1,4 @@
-"""``python -m rayoodkd.data``: materialise or inspect an image corpus."""
+"""``python -m rayoodkd.data``: materialise or inspect an image corpus, or a union of several."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS, encode_png
-from rayoodkd.data.config import FORMATS, CorpusConfig
+from rayoodkd.data.config import FORMATS, Corpus, CorpusConfig, corpus_members
 
 if TYPE_CHECKING:  # Ray (rayoodkd.data.readers) is imported when a command runs, so --help answers at once
     import ray.data
@@ -20,7 +20,8 @@ SOURCE is a builtin set ({", ".join(BUILTIN_SOURCES)})
 or a local path / file:// / s3:// / gs:// URI of: an image folder (class subfolders give labels),
 parquet shards with an encoded-image column, a CIFAR-10/100 python archive (.tar.gz) or its
 extracted directory, MNIST IDX files (*-images-idx3-ubyte[.gz]), or a .npy/.npz array file.
---format auto detects which.
+--format auto detects which. Several SOURCEs are read as one corpus (their union), each with the
+options given.
 Splits: builtin sets take {"/".join(BUILTIN_SPLITS)} (default train); CIFAR and IDX directories take
 train/test (default train).
 
@@ -28,6 +29,7 @@ examples:
   python -m rayoodkd.data materialize letters --out /data/letters --num-images 50000 --seed 1
   python -m rayoodkd.data materialize ~/photos --out s3://bucket/photos-32 --image-size 32 --channels 3
   python -m rayoodkd.data inspect cifar-10-python.tar.gz --split test
+  python -m rayoodkd.data materialize letters textures ~/photos --out /data/ood-mix --num-images 5000
 """
 
 
@@ -49,7 +51,12 @@ def _positive_int(text: str) -> int:
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", help="builtin set name, or a path/URI of a corpus")
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="+",
+        help="builtin set name, or a path/URI of a corpus; several are read as their union",
+    )
     p.add_argument(
         "--format",
         default="auto",
@@ -188,12 +195,12 @@ def _materialize(ds: ray.data.Dataset, args: argparse.Namespace) -> None:
     print(f"skipped {summary['corrupt']} corrupt images")
 
 
-def _inspect(ds: ray.data.Dataset, cfg: CorpusConfig, fmt: str) -> None:
+def _inspect(ds: ray.data.Dataset, corpus: Corpus, formats: str) -> None:
     from rayoodkd.data.readers import class_names_of, corpus_summary
 
     summary = corpus_summary(ds)
-    names = class_names_of(cfg) or []
-    print(f"source: {cfg.source} (format {fmt})")
+    names = class_names_of(corpus) or []
+    print(f"source: {formats}")
     print(f"rows: {summary['rows']}")
     print(f"corrupt: {summary['corrupt']}")
     print(f"labelled: {summary['labelled']}")
@@ -210,19 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     from rayoodkd.data.readers import load_corpus, resolve_format
 
     try:
-        cfg = CorpusConfig(
-            source=args.source,
-            format=args.format,
-            split=args.split,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            num_images=args.num_images,
-            labelled=not args.unlabelled,
-        )
-        fmt = resolve_format(cfg)
-        print(f"reading {cfg.source} (format {fmt})", flush=True)
+        members = [
+            CorpusConfig(
+                source=source,
+                format=args.format,
+                split=args.split,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                num_images=args.num_images,
+                labelled=not args.unlabelled,
+            )
+            for source in args.source
+        ]
+        corpus: Corpus = members[0] if len(members) == 1 else members
+        formats = " + ".join(f"{m.source} (format {resolve_format(m)})" for m in corpus_members(corpus))
+        print(f"reading {formats}", flush=True)
         ds = load_corpus(
-            cfg, image_size=args.image_size, channels=args.channels, seed=args.seed, cache_dir=args.cache_dir
+            corpus,
+            image_size=args.image_size,
+            channels=args.channels,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
         )
     except ValidationError as err:
         parser.error(_one_line(err))
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "materialize":
         _materialize(ds, args)
     else:
-        _inspect(ds, cfg, fmt)
+        _inspect(ds, corpus, formats)
     return 0
 
 

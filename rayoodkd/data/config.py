@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS
 
@@ -137,3 +146,35 @@ class CorpusConfig(BaseModel):
         if fmt != "auto":
             check_archive_split(fmt, self.archive_split)
         return self
+
+
+_UNION_MEMBERS = TypeAdapter(list[CorpusConfig])
+
+
+def _one_corpus_or_union(
+    value: Any, _handler: ValidatorFunctionWrapHandler
+) -> CorpusConfig | list[CorpusConfig]:
+    # Validated here rather than as a pydantic union, whose errors would name a branch of the union
+    # ("data.ood.list[...]") instead of the member (``data.ood.1.source``).
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError("a union needs one or more corpora")
+        return _UNION_MEMBERS.validate_python(list(value))
+    return CorpusConfig.model_validate(value)
+
+
+Corpus = Annotated[CorpusConfig | list[CorpusConfig], WrapValidator(_one_corpus_or_union)]
+"""One corpus, or a union: a list of corpora read as one (each member with all its own keys, applied to it
+alone), in YAML ``ood: [{source: letters}, {source: /data/imgs, num_images: 500}]``."""
+
+
+def corpus_members(corpus: Corpus) -> list[CorpusConfig]:
+    """The corpora a corpus is made of: itself, or a union's members in order."""
+    return list(corpus) if isinstance(corpus, list) else [corpus]
+
+
+def describe_corpus(corpus: Corpus) -> str:
+    """Its sources and splits for messages: ``mnist5k (test)``, ``letters + /data/imgs`` for a union."""
+    return " + ".join(
+        member.source + (f" ({member.split})" if member.split else "") for member in corpus_members(corpus)
+    )

@@ -15,6 +15,7 @@ import struct
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,7 +27,7 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from rayoodkd.data.builtin import GENERATED_SOURCES, LETTERS, materialize_builtin
-from rayoodkd.data.config import SPLIT_PARTS, CorpusConfig, check_archive_split, check_split
+from rayoodkd.data.config import SPLIT_PARTS, Corpus, CorpusConfig, check_archive_split, check_split
 from rayoodkd.data.decode import _labels, decode_batch
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm")
@@ -41,6 +42,7 @@ _IMAGENET_BATCH = re.compile(r"(?:train_data_batch_(\d+)|val_data)(?:\.npz)?")
 _PICKLES = (".pkl", ".pickle")
 _BLOCK_ROWS = 4096
 _CLASS_KEY = "__class_key"
+_KEYED_MESSAGE = re.compile(r"\w+: ")
 
 
 # ------------------------------------------------------------------------------------------ source resolving
@@ -113,8 +115,35 @@ def resolve_format(cfg: CorpusConfig) -> str:
     return fmt
 
 
-def class_names_of(cfg: CorpusConfig) -> list[str] | None:
-    """Class names in label order for builtin sets and image folders with class subfolders, else None."""
+def class_names_of(corpus: Corpus) -> list[str] | None:
+    """Class names in label order for builtin sets and image folders with class subfolders, else None.
+
+    A union's labelled members keep their own labels, so those whose class names are known must number them
+    alike (one may have fewer classes, not others); its names are the longest member's. Raises
+    ``ValueError`` naming the member (``1.source: ...``) when a label would mean two classes.
+    """
+    if isinstance(corpus, CorpusConfig):
+        return _member_class_names(corpus)
+    longest: list[str] = []
+    longest_index = None
+    for index, member in enumerate(corpus):
+        with _member_errors(index):
+            names = _member_class_names(member) if member.labelled else None
+        if names is None:
+            continue
+        clash = next((i for i, (a, b) in enumerate(zip(names, longest, strict=False)) if a != b), None)
+        if clash is not None:
+            raise ValueError(
+                f"{index}.source: label {clash} is class {names[clash]!r} here but {longest[clash]!r} in "
+                f"member {longest_index} (each member numbers its own classes); give the labelled members "
+                "the same classes, or set labelled: false on this one"
+            )
+        if len(names) > len(longest):
+            longest, longest_index = names, index
+    return longest or None
+
+
+def _member_class_names(cfg: CorpusConfig) -> list[str] | None:
     fmt = resolve_format(cfg)
     if fmt == "builtin":
         if cfg.source in ("mnist5k", "uci-digits"):
@@ -215,7 +244,7 @@ def _cap_per_class(ds: ray.data.Dataset, k: int, seed: int) -> ray.data.Dataset:
 
 
 def load_corpus(
-    cfg: CorpusConfig, *, image_size: int, channels: int, seed: int = 0, cache_dir: str | None = None
+    corpus: Corpus, *, image_size: int, channels: int, seed: int = 0, cache_dir: str | None = None
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset with columns ``image`` (float32 ``[channels, image_size, image_size]`` in [0, 1]),
     ``label`` (int64, -1 when unknown) and ``corrupt`` (bool; corrupt images are zeros).
@@ -223,13 +252,49 @@ def load_corpus(
     Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of
     generated sets) and then read like any parquet corpus. CIFAR, IDX, numpy and ImageNet pickle sources are
     read into the driver's memory, the others are read lazily by Ray Data. Before decoding, the rows are hash
-    split (``cfg.split_fractions``), then capped per class (``cfg.per_class``; see ``CorpusConfig``), and
+    split (``split_fractions``), then capped per class (``per_class``; see ``CorpusConfig``), and
     ``num_images`` caps what is left.
+
+    A union (a list of corpora) is each member read so, with its own keys, then joined in member order by
+    Ray Data's ``union``: every row of every member, with that member's labels. A row's hash-split part
+    depends only on its content, so the same ``split_fractions`` and ``split_seed`` on every member split
+    the union as a whole. Errors name the member by its index (``1.source: path not found: ...``), and
+    labelled members must number their classes alike (``class_names_of``).
     """
     if image_size <= 0:
         raise ValueError(f"image_size: must be positive, got {image_size}")
     if channels not in (1, 3):
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
+    options = {"image_size": image_size, "channels": channels, "seed": seed, "cache_dir": cache_dir}
+    if isinstance(corpus, CorpusConfig):
+        return _load_member(corpus, **options)
+    class_names_of(corpus)  # refuses members whose labels would name different classes
+    members = []
+    for index, member in enumerate(corpus):
+        with _member_errors(index):
+            members.append(_load_member(member, **options))
+    return members[0].union(*members[1:]) if len(members) > 1 else members[0]
+
+
+@contextmanager
+def _member_errors(index: int) -> Iterator[None]:
+    """Re-raise a union member's ``FileNotFoundError`` or ``ValueError`` naming it (``1.source: ...``)."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise FileNotFoundError(_in_member(index, error)) from None
+    except ValueError as error:
+        raise ValueError(_in_member(index, error)) from None
+
+
+def _in_member(index: int, error: Exception) -> str:
+    message = str(error)
+    return f"{index}.{message}" if _KEYED_MESSAGE.match(message) else f"{index}: {message}"
+
+
+def _load_member(
+    cfg: CorpusConfig, *, image_size: int, channels: int, seed: int, cache_dir: str | None
+) -> ray.data.Dataset:
     fmt = resolve_format(cfg)
     rendered = fmt == "builtin" and cfg.source in GENERATED_SOURCES
     # Without a hash split or per-class cap the limit is cheapest at the source (a smaller builtin cache,

@@ -32,6 +32,7 @@ from rayoodkd.engine.checkpoint import (
     state_dict_hash,
 )
 from rayoodkd.engine.evaluation import evaluate
+from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
 from rayoodkd.engine.tracking import Tracker
@@ -299,13 +300,13 @@ class Worker:
     def _student_hash(self) -> str:
         return state_dict_hash(self.method.deployable_student().state_dict())
 
-    def _log(self, pending: dict[str, list[float]]) -> dict[str, float]:
-        local = [sum(pending.pop("images", [0.0])), float(self.streams.corrupt_skipped)]
+    def _log(self, pending: MetricAccumulator) -> dict[str, float]:
+        metrics = pending.flush()
+        local = [metrics.pop("images", 0.0), float(self.streams.corrupt_skipped)]
         images, corrupt = self.ctx.all_reduce(
             torch.tensor(local, dtype=torch.float64, device=self.device)
         ).tolist()
         self.images_seen += images
-        metrics = {key: sum(values) / len(values) for key, values in pending.items() if values}
         bookkeeping = {
             "data/corrupt_skipped": corrupt,
             THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9),
@@ -314,7 +315,6 @@ class Worker:
             self.tracker.log_metrics(
                 {**self._in_stage(metrics), THROUGHPUT_KEY: bookkeeping[THROUGHPUT_KEY]}, self.step
             )
-        pending.clear()
         return {**metrics, **bookkeeping}
 
     def _stage_fraction(self) -> float:
@@ -546,7 +546,7 @@ class Worker:
     def _stage_done(self, stage: Stage) -> bool:
         return stage.done(self.stage_step, self.stage_epoch)
 
-    def _begin_epoch(self, stage: Stage, pending: dict[str, list[float]]) -> None:
+    def _begin_epoch(self, stage: Stage, pending: MetricAccumulator) -> None:
         """Ask the method for the epoch's selection (and how many steps it fills on every rank)."""
         self.ctx.stage_epoch = self.stage_epoch
         started = time.perf_counter()
@@ -558,8 +558,7 @@ class Worker:
                 f"{self.cfg.method}: epoch {self.stage_epoch} of stage {stage.name!r} selected less than one "
                 f"batch (data.batch_size {self.cfg.data.batch_size}) on some rank"
             )
-        for key, value in self.epoch_metrics.items():
-            pending.setdefault(key, []).append(value)
+        pending.add(self.epoch_metrics)
 
     def run(self) -> None:
         monitor = None
@@ -578,7 +577,7 @@ class Worker:
 
     def _train(self) -> None:
         cfg = self.cfg
-        pending: dict[str, list[float]] = {}
+        pending = MetricAccumulator()
         metrics: dict[str, float] = {}
         trained = False
         names = [stage.name for stage in self.stages]
@@ -596,14 +595,13 @@ class Worker:
                 self.ctx.stage_step = self.stage_step
                 self._inject_faults()
                 started = time.perf_counter()
-                for key, value in self.method.train_step(self.streams).items():
-                    pending.setdefault(key, []).append(value)
+                pending.add(self.method.train_step(self.streams))
                 self.train_seconds += time.perf_counter() - started
                 self.epoch_train_seconds += time.perf_counter() - started
                 trained = True
                 epoch_end = by_epoch and self.epoch_step == self.epoch_steps
                 if epoch_end:
-                    pending.setdefault("time/epoch_train_s", []).append(self.epoch_train_seconds)
+                    pending.add({"time/epoch_train_s": self.epoch_train_seconds})
                     self.stage_epoch, self.epoch_step, self.epoch_steps = self.stage_epoch + 1, 0, 0
                 stage_end = self._stage_done(stage)
                 if stage.eval_every_epochs is None:

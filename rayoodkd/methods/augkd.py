@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Stage, Streams, kd_loss, unwrap
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Stage, Streams, kd_loss, unwrap
 from rayoodkd.methods.losses import BNStatistics, balance_loss, onehot_loss, require_batchnorm
+from rayoodkd.methods.optim import OptimizerConfig, adam
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_generator
 from rayoodkd.models.augkd import MASK_SUPREMUM, AnchorNet, CVAEEncoder, gaussian_kl
@@ -94,6 +95,17 @@ def mask_constraint(mask: Tensor, invariant: float, form: Literal["per_sample", 
     return term.expand(len(mask))
 
 
+class AugKDOptimizers(MethodConfig):
+    """The official README's, one optimizer per player and stage: stage 1 (generator, student, encoder),
+    stage 2 (anchor: cosine over its epochs), stage 3 (mixup: the student again, after ``warmup_epochs``)."""
+
+    generator: OptimizerConfig = adam(1e-3, schedule="cosine")
+    student: OptimizerConfig = adam(1e-3, weight_decay=1e-4, schedule="cosine")
+    encoder: OptimizerConfig = adam(1e-4)
+    anchor: OptimizerConfig = adam(1e-3, schedule="cosine")
+    mixup: OptimizerConfig = adam(1e-3, weight_decay=1e-4)
+
+
 class AugKDConfig(MethodConfig):
     """AuG-KD hyper-parameters (defaults: the official README for Office-31, spec §3.4, except the
     synthetic batch: 256 per worker here, 2048 in the README)."""
@@ -105,10 +117,6 @@ class AugKDConfig(MethodConfig):
     # stage 1
     datafree_steps: int = Field(40_000, ge=1, description="stage-1 iterations (official: 200 epochs × 200)")
     inner_steps: int = Field(5, ge=1, description="S and E steps per G step")
-    lr_g: float = Field(1e-3, gt=0)
-    lr_s: float = Field(1e-3, gt=0, description="stage-1 student lr (Adam)")
-    lr_e: float = Field(1e-4, gt=0)
-    weight_decay_s: float = Field(1e-4, ge=0)
     adv: float = Field(1.0, ge=0, description="weight of −kldiv(s, t, 1) in L_G")
     oh: float = Field(1.0, ge=0)
     balance: float = Field(20.0, ge=0, description="weight of Σ p̄ log₁₀ p̄ in L_G")
@@ -117,16 +125,15 @@ class AugKDConfig(MethodConfig):
     validation_batches: int = Field(10, ge=1, description="stage-1 selection pool: this many × batch_size")
     # stage 2
     anchor_epochs: int = Field(200, ge=1)
-    lr_a: float = Field(1e-3, gt=0)
     invariant: float = Field(0.25, ge=0, lt=1, description="'inv': share of latent dims A leaves")
     anchor_ce: float = Field(0.1, ge=0)
     energy_temperature: float = Field(1.0, gt=0)
     mask_constraint: Literal["per_sample", "batch_sum"] = "per_sample"
     # stage 3
     mixup_epochs: int = Field(200, ge=1)
-    lr: float = Field(1e-3, gt=0, description="stage-3 student lr (Adam)")
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: int = Field(5, ge=0, description="epochs at lr/3 (PyTorch ConstantLR's default)")
+    warmup_epochs: int = Field(
+        5, ge=0, description="stage 3: epochs at optim.mixup.lr/3 (PyTorch ConstantLR's default)"
+    )
     scheduler: Literal["linear", "step"] = "linear"
     a: float = Field(0.6, gt=0, description="f reaches 1 at epoch a·mixup_epochs")
     b: float = Field(0.2, ge=0, le=1, description="f at epoch 0")
@@ -141,6 +148,7 @@ class AugKDConfig(MethodConfig):
     mixup_from_datafree_student: bool = Field(
         True, description="false: stage 3 starts from the student's initial weights, not stage 1's"
     )
+    optim: AugKDOptimizers = AugKDOptimizers()
 
 
 @METHODS.register("augkd")
@@ -162,13 +170,12 @@ class AugKD(Method):
         ).to(ctx.device)
         self.anchor = AnchorNet(cfg.nz, ctx.num_classes).to(ctx.device)
         self.bn_stats = BNStatistics(teacher, "concat")
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g)
-        self.opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s, weight_decay=cfg.weight_decay_s)
-        self.opt_e = torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr_e)
-        self.opt_a = torch.optim.Adam(self.anchor.parameters(), lr=cfg.lr_a)
-        self.opt_mix = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched_g = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_g, T_max=cfg.datafree_steps)
-        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, T_max=cfg.datafree_steps)
+        optim = cfg.optim
+        self.opt_g, self.sched_g = optim.generator.build(self.generator.parameters(), cfg.datafree_steps)
+        self.opt_s, self.sched_s = optim.student.build(student.parameters(), cfg.datafree_steps)
+        self.opt_e, self.sched_e = optim.encoder.build(self.encoder.parameters(), cfg.datafree_steps)
+        self.opt_a = optim.anchor.optimizer(self.anchor.parameters())
+        self.opt_mix = optim.mixup.optimizer(student.parameters())
         self.initial_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
         self.labelled_rows: tuple[Tensor, Tensor] | None = None
         self.latest: Tensor | None = None
@@ -215,7 +222,7 @@ class AugKD(Method):
         }
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        return {"generator": self.sched_g, "student": self.sched_s}
+        return {"generator": self.sched_g, "student": self.sched_s, "encoder": self.sched_e}
 
     # ----------------------------------------------------------------------------------- stage 1: data-free
 
@@ -259,7 +266,7 @@ class AugKD(Method):
         per_sample = (recon - z).pow(2).sum(1) + self.cfg.kl_prior * gaussian_kl(mu, log_var)
         return per_sample.mean()
 
-    def datafree_step(self) -> dict[str, float]:
+    def datafree_step(self) -> Metrics:
         cfg: AugKDConfig = self.cfg
         self.generator.train()
         self.student.train()
@@ -283,12 +290,13 @@ class AugKD(Method):
             self.ctx.step(loss_e, self.opt_e, "encoder")
         self.sched_g.step()
         self.sched_s.step()
+        self.sched_e.step()
         return {
-            "loss/generator": loss_g.item(),
-            **{f"loss/{name}": value.item() for name, value in terms.items()},
-            "loss/kd": loss_s.item(),
-            "loss/encoder": loss_e.item(),
-            "train/agreement": 100 * (s.argmax(1) == t.argmax(1)).float().mean().item(),
+            "loss/generator": loss_g.detach(),
+            **{f"loss/{name}": value.detach() for name, value in terms.items()},
+            "loss/kd": loss_s.detach(),
+            "loss/encoder": loss_e.detach(),
+            "train/agreement": 100 * (s.argmax(1) == t.argmax(1)).float().mean(),
             "lr/student": self.opt_s.param_groups[0]["lr"],
             "images": float(cfg.inner_steps * cfg.batch_size),
         }
@@ -313,7 +321,7 @@ class AugKD(Method):
         }
         return terms["energy"] + terms["mask"] + cfg.anchor_ce * terms["ce"], terms
 
-    def anchor_step(self, data: Streams) -> dict[str, float]:
+    def anchor_step(self, data: Streams) -> Metrics:
         batch = data.next("labelled")
         self.generator.eval()
         self.encoder.eval()
@@ -322,8 +330,8 @@ class AugKD(Method):
         loss = per_sample.mean()
         self.ctx.step(loss, self.opt_a, "anchor")
         return {
-            "loss/anchor": loss.item(),
-            **{f"loss/{name}": value.mean().item() for name, value in terms.items()},
+            "loss/anchor": loss.detach(),
+            **{f"loss/{name}": value.mean().detach() for name, value in terms.items()},
             "lr/anchor": self.opt_a.param_groups[0]["lr"],
             "images": 0.0,
         }
@@ -343,7 +351,7 @@ class AugKD(Method):
         generated = generator((1 - weight) * anchors + weight * z)
         return (1 - weight) * generated + weight * unit
 
-    def mixup_step(self, data: Streams) -> dict[str, float]:
+    def mixup_step(self, data: Streams) -> Metrics:
         cfg: AugKDConfig = self.cfg
         batch = data.next("labelled")
         unit, labels = batch["unit"], batch["label"]
@@ -367,11 +375,11 @@ class AugKD(Method):
         self.ctx.step(loss, self.opt_mix, "mixup")
         self.latest_real = (unit[:SAMPLE_IMAGES].detach(), labels[:SAMPLE_IMAGES].detach())
         return {
-            "loss/total": loss.item(),
-            "loss/ce": loss_ce.item(),
-            "loss/kd": loss_kd.item(),
+            "loss/total": loss.detach(),
+            "loss/ce": loss_ce.detach(),
+            "loss/kd": loss_kd.detach(),
             "mix_weight": weight,
-            "train/top1": 100 * (logits.argmax(1) == targets).float().mean().item(),
+            "train/top1": 100 * (logits.argmax(1) == targets).float().mean(),
             "lr/student": self.opt_mix.param_groups[0]["lr"],
             "images": float(len(inputs)),
         }
@@ -382,10 +390,10 @@ class AugKD(Method):
         """Stages 2 and 3 pass over the whole labelled set once per epoch; their lr is a function of it."""
         cfg: AugKDConfig = self.cfg
         if self.ctx.stage == "anchor":
-            lr = cfg.lr_a * (1 + math.cos(math.pi * epoch / cfg.anchor_epochs)) / 2
+            lr = cfg.optim.anchor.lr_at(epoch, cfg.anchor_epochs)
             optimizer = self.opt_a
         else:
-            lr = cfg.lr / 3 if epoch < cfg.warmup_epochs else cfg.lr
+            lr = cfg.optim.mixup.lr_at(epoch, cfg.mixup_epochs) / (3 if epoch < cfg.warmup_epochs else 1)
             optimizer = self.opt_mix
             if epoch == 0 and not cfg.mixup_from_datafree_student:
                 # rank 0's initial weights (each rank built its student from its own seed; DDP's broadcast
@@ -410,7 +418,7 @@ class AugKD(Method):
         rows = state.get("labelled_rows")
         self.labelled_rows = None if rows is None else (rows[0], rows[1])
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         if self.ctx.stage == "datafree":
             return self.datafree_step()
         if self.ctx.stage == "anchor":

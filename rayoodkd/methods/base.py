@@ -17,15 +17,33 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
 
+Metrics = dict[str, Tensor | float]
+"""What a step returns: scalar metrics by name, as detached 0-d tensors or plain numbers."""
+
 
 class MethodConfig(BaseModel):
-    """Base of every method's hyper-parameter section (unknown keys are errors)."""
+    """Base of every method's hyper-parameter section (unknown keys are errors).
+
+    A nested section given in part keeps the defaults of the keys it does not name: the method's own
+    defaults (MosaicKD's generator optimizer is Adam), not those of the nested model's class."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_nested_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel) and isinstance(data.get(name), dict):
+                merged[name] = {**default.model_dump(), **data[name]}
+        return merged
 
 
 class Streams(Protocol):
@@ -250,8 +268,11 @@ class Method(ABC):
         raise TypeError(f"{self.name}: a stage budgeted in epochs needs {type(self).__name__}.begin_epoch")
 
     @abstractmethod
-    def train_step(self, data: Streams) -> dict[str, float]:
-        """One outer iteration -> scalar metrics; ``images`` counts the images the student learnt from."""
+    def train_step(self, data: Streams) -> Metrics:
+        """One outer iteration -> scalar metrics; ``images`` counts the images the student learnt from.
+
+        Return losses as detached 0-d tensors (``loss.detach()``), not ``loss.item()``: the engine sums them
+        where they live and reads them once per log, so a step never waits for the device."""
 
     def validate(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         """Method-specific figures on the whole ``data.val`` split (normalised like the teacher's input),

@@ -7,21 +7,21 @@ BN statistics, confident targets and image priors are matched and the student di
 
 Per outer iteration (one ``train_step``)::
 
-    x ~ N(0, I) [B, C, H, W] (normalised space);  y = sort(randint(num_classes, B));  Adam(x, lr_g, (.5, .99))
-    repeat g_steps times:                                                T and S in eval mode
+    x ~ N(0, I) [B, C, H, W] (normalised space);  y = sort(randint(num_classes, B));  Adam(x) (optim.pixels)
+    repeat inversion_steps times:                                                T and S in eval mode
         x̃ = flip?(roll(x, ±size/8))                                      one jitter and flip per batch
         L = bn·(L_BN^T(x̃) − student_bn·L_BN^S(x̃)) + oh·CE(T(x̃), y) − adv·jsdiv(S(x̃), T(x̃), τ=3)
             + tv·TV(x) + l2·‖x‖₂
         keep x if L is the lowest so far;  x ← Adam step;  clip x to the valid normalised range
     pool ← pool ∪ {best x as uint8 images}  (oldest dropped beyond pool_size)
-    repeat kd_steps times:
+    repeat student_steps times:
         x ~ pool (B images, crop/flip augmented, normalised);  L_S = kldiv(S(x), T(x), τ)   S ← SGD step
     S scheduler step (cosine over the run, eta_min 2e-4)
 
-Cost: one outer iteration is ``g_steps`` teacher+student forward/backward passes on B images (the toolkit
-uses g_steps 1000 with 400 KD steps per batch), so an outer iteration is 10²–10³× dearer than a DFQ step;
-lower ``g_steps`` (and ``kd_steps``) for CPU demos. The pool is ``extra_state``: it is checkpointed as uint8
-(like the toolkit's PNG pool) and a resumed run continues exactly.
+Cost: one outer iteration is ``inversion_steps`` teacher+student forward/backward passes on B images (the
+toolkit uses 1000 inversion steps with 400 KD steps per batch), so an outer iteration is 10²–10³× dearer than
+a DFQ step; lower ``inversion_steps`` (and ``student_steps``) for CPU demos. The pool is ``extra_state``: it
+is checkpointed as uint8 (like the toolkit's PNG pool) and a resumed run continues exactly.
 
 Deviation: the toolkit's ``best_inputs = inputs.data`` aliases the tensor Adam then updates in place, so it
 keeps the post-step image; here the evaluated (best-loss) batch itself is kept.
@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from rayoodkd.augment import augment_batch
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
 from rayoodkd.methods.losses import (
     BNStatistics,
     BNVariant,
@@ -47,16 +47,26 @@ from rayoodkd.methods.losses import (
     to_unit,
     tv_prior,
 )
+from rayoodkd.methods.optim import OptimizerConfig, adam, sgd
 from rayoodkd.methods.registry import METHODS
+
+
+class DeepInvOptimizers(MethodConfig):
+    """The toolkit's: the student's cosine over the run (eta_min 2e-4); the pixels' Adam, fresh for every
+    synthesised batch (its schedule runs over ``inversion_steps``)."""
+
+    student: OptimizerConfig = sgd(0.1, weight_decay=1e-4, schedule="cosine", eta_min=2e-4)
+    pixels: OptimizerConfig = adam(0.1, betas=(0.5, 0.99))
 
 
 class DeepInvConfig(MethodConfig):
     """DeepInversion hyper-parameters (defaults: the toolkit's DeepInv-2k script, spec §6.5)."""
 
     batch_size: int = Field(256, ge=2, description="images per synthesised batch and per KD step")
-    g_steps: int = Field(1000, ge=1, description="pixel-optimisation iterations per synthesised batch")
-    kd_steps: int = Field(400, ge=1, description="student steps on the pool per synthesised batch")
-    lr_g: float = Field(0.1, gt=0, description="Adam lr of the pixels")
+    inversion_steps: int = Field(
+        1000, ge=1, description="pixel-optimisation iterations per synthesised batch"
+    )
+    student_steps: int = Field(400, ge=1, description="student steps on the pool per synthesised batch")
     bn: float = Field(10.0, ge=0, description="weight of the BN-statistics loss (NVlabs script: 100)")
     student_bn: float = Field(
         0.001, ge=0, description="ADI: L_BN^T − student_bn·L_BN^S (0 when the student has no BN)"
@@ -74,10 +84,7 @@ class DeepInvConfig(MethodConfig):
     )
     augment: Literal["none", "crop", "crop_flip"] = Field("crop_flip", description="KD view of pool images")
     temperature: float = Field(20.0, gt=0, description="τ of the student KD")
-    lr_s: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    eta_min: float = Field(2e-4, ge=0)
+    optim: DeepInvOptimizers = DeepInvOptimizers()
 
 
 @METHODS.register("deepinv")
@@ -93,12 +100,7 @@ class DeepInversion(Method):
         require_batchnorm("deepinv", "bn", cfg.bn, teacher)
         self.bn_teacher = BNStatistics(teacher, cfg.bn_variant)
         self.bn_student = BNStatistics(student, cfg.bn_variant)
-        self.opt_s = torch.optim.SGD(
-            student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt_s, T_max=ctx.max_steps, eta_min=cfg.eta_min
-        )
+        self.opt_s, self.sched_s = cfg.optim.student.build(student.parameters(), ctx.max_steps)
         mean = torch.tensor(ctx.mean, device=ctx.device).view(1, -1, 1, 1)
         std = torch.tensor(ctx.std, device=ctx.device).view(1, -1, 1, 1)
         self.low, self.high = (0 - mean) / std, (1 - mean) / std
@@ -127,17 +129,18 @@ class DeepInversion(Method):
         x = torch.roll(x, shifts=(off_h, off_w), dims=(2, 3))
         return x.flip(3) if cfg.flip and flip else x
 
-    def synthesize(self) -> tuple[Tensor, dict[str, float]]:
-        """Optimise one batch of pixels for ``g_steps``; return the best batch (normalised) and its losses."""
+    def synthesize(self) -> tuple[Tensor, Metrics]:
+        """Optimise one batch of pixels for ``inversion_steps``; return the best batch (normalised) and its
+        losses."""
         cfg: DeepInvConfig = self.cfg
         ctx = self.ctx
         self.student.eval()
         inputs = ctx.randn(cfg.batch_size, ctx.channels, ctx.image_size, ctx.image_size).requires_grad_()
         targets = self._randint(0, ctx.num_classes, cfg.batch_size).sort().values.to(ctx.device)
-        optimizer = torch.optim.Adam([inputs], lr=cfg.lr_g, betas=(0.5, 0.99))
+        optimizer, scheduler = cfg.optim.pixels.build([inputs], cfg.inversion_steps)
         best_cost, best_inputs, best_terms = float("inf"), inputs.detach().clone(), {}
         with ctx.no_sync(self.student):
-            for _ in range(cfg.g_steps):
+            for _ in range(cfg.inversion_steps):
                 with ctx.autocast():
                     augmented = self._jitter_flip(inputs)
                     t = self.teacher(augmented)
@@ -158,17 +161,18 @@ class DeepInversion(Method):
                 if loss.item() < best_cost:
                     best_cost, best_inputs = loss.item(), inputs.detach().clone()
                     best_terms = {
-                        "loss/synthesis": loss.item(),
-                        "loss/bn": loss_bn.item(),
+                        "loss/synthesis": loss.detach(),
+                        "loss/bn": loss_bn.detach(),
                         "loss/bn_student": float(loss_bn_s),
-                        "loss/oh": loss_oh.item(),
-                        "loss/adv": loss_adv.item(),
-                        "loss/tv": loss_tv.item(),
-                        "loss/l2": loss_l2.item(),
+                        "loss/oh": loss_oh.detach(),
+                        "loss/adv": loss_adv.detach(),
+                        "loss/tv": loss_tv.detach(),
+                        "loss/l2": loss_l2.detach(),
                     }
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                scheduler.step()
                 with torch.no_grad():
                     inputs.copy_(torch.maximum(torch.minimum(inputs, self.high), self.low))
         self.student.train()
@@ -180,7 +184,7 @@ class DeepInversion(Method):
         quantised = (unit * 255).round().to(torch.uint8)
         self.pool = torch.cat([self.pool, quantised])[-self.cfg.pool_size :]
 
-    def student_step(self) -> dict[str, float]:
+    def student_step(self) -> Metrics:
         """One KD step on a random batch of the pool."""
         cfg: DeepInvConfig = self.cfg
         ctx = self.ctx
@@ -193,18 +197,18 @@ class DeepInversion(Method):
             s = self.student(images)
         loss = kd_loss(s.float(), t.float(), cfg.temperature)
         ctx.step(loss, self.opt_s, "student")
-        return {"loss/kd": loss.item(), "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean().item()}
+        return {"loss/kd": loss.detach(), "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean()}
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: DeepInvConfig = self.cfg
         best, metrics = self.synthesize()
         self.add_to_pool(best)
         self.latest = best[:64]
         self.student.train()
-        for _ in range(cfg.kd_steps):
+        for _ in range(cfg.student_steps):
             metrics.update(self.student_step())
         self.sched_s.step()
-        images = float(cfg.kd_steps * min(cfg.batch_size, len(self.pool)))
+        images = float(cfg.student_steps * min(cfg.batch_size, len(self.pool)))
         return {
             **metrics,
             "pool/size": float(len(self.pool)),

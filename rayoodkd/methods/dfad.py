@@ -19,17 +19,24 @@ S stay in train mode throughout, as in the official script.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams
 from rayoodkd.methods.losses import to_unit
+from rayoodkd.methods.optim import OptimizerConfig, adam, sgd
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_generator
+
+
+class DFADOptimizers(MethodConfig):
+    """The official ``--scheduler``: both learning rates × 0.1 at 20 % and 40 % of max_steps (100/500,
+    200/500 epochs)."""
+
+    student: OptimizerConfig = sgd(0.1, weight_decay=5e-4, schedule="multistep", milestones=(0.2, 0.4))
+    generator: OptimizerConfig = adam(1e-3, schedule="multistep", milestones=(0.2, 0.4))
 
 
 class DFADConfig(MethodConfig):
@@ -40,15 +47,7 @@ class DFADConfig(MethodConfig):
     ngf: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=2, description="synthetic images per G and S step (per worker)")
     student_steps: int = Field(5, ge=1, description="S steps per G step")
-    lr_s: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    lr_g: float = Field(1e-3, gt=0)
-    schedule: Literal["multistep", "constant"] = "multistep"
-    milestones: tuple[float, ...] = Field(
-        (0.2, 0.4), description="fractions of max_steps where both learning rates drop (100/500, 200/500)"
-    )
-    gamma: float = Field(0.1, gt=0, le=1)
+    optim: DFADOptimizers = DFADOptimizers()
 
 
 @METHODS.register("dfad")
@@ -65,14 +64,8 @@ class DFAD(Method):
             cfg.generator, nz=cfg.nz, ngf=cfg.ngf, image_size=ctx.image_size, channels=ctx.channels
         ).to(ctx.device)
         self.output_space = self.generator.output_space
-        self.opt_s = torch.optim.SGD(
-            student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g)
-        milestones = sorted({max(1, round(f * ctx.max_steps)) for f in cfg.milestones})
-        gamma = cfg.gamma if cfg.schedule == "multistep" else 1.0
-        self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, milestones, gamma)
-        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, milestones, gamma)
+        self.opt_s, self.sched_s = cfg.optim.student.build(student.parameters(), ctx.max_steps)
+        self.opt_g, self.sched_g = cfg.optim.generator.build(self.generator.parameters(), ctx.max_steps)
         self.latest: Tensor | None = None
 
     def players(self) -> dict[str, nn.Module]:
@@ -88,7 +81,7 @@ class DFAD(Method):
         images = self.generator(self.ctx.randn(self.cfg.batch_size, self.cfg.nz))
         return self.ctx.normalize(images) if self.output_space == "unit" else images
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: DFADConfig = self.cfg
         self.student.train()
         self.generator.train()
@@ -112,9 +105,9 @@ class DFAD(Method):
         self.sched_s.step()
         self.sched_g.step()
         return {
-            "loss/student": loss_s.item(),
-            "loss/generator": loss_g.item(),
-            "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean().item(),
+            "loss/student": loss_s.detach(),
+            "loss/generator": loss_g.detach(),
+            "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean(),
             "lr/student": self.opt_s.param_groups[0]["lr"],
             "lr/generator": self.opt_g.param_groups[0]["lr"],
             "images": float(cfg.student_steps * cfg.batch_size),

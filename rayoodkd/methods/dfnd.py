@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from rayoodkd.methods.base import Method, RunContext, Stage, Streams, kd_loss
+from rayoodkd.methods.base import Method, Metrics, RunContext, Stage, Streams, kd_loss
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.methods.selection import EpochSelectionConfig, select_confident, selection_metrics
 
@@ -43,9 +43,7 @@ class DFND(Method):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DFNDConfig, ctx: RunContext) -> None:
         super().__init__(teacher, student, cfg, ctx)
-        self.optimizer = torch.optim.SGD(
-            student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = cfg.optim.student.optimizer(student.parameters())
 
     def stages(self) -> list[Stage]:
         return [self.cfg.stage()]
@@ -81,7 +79,7 @@ class DFND(Method):
             "select/steps": float(steps),
         }
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         images = data.next("web")["image"]
         self.student.train()
         with torch.no_grad(), self.ctx.autocast():
@@ -91,8 +89,8 @@ class DFND(Method):
         loss = kd_loss(student_logits, teacher_logits, self.cfg.temperature)
         self.ctx.step(loss, self.optimizer, "student")
         return {
-            "loss/kd": loss.item(),
-            "train/agreement": (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item(),
+            "loss/kd": loss.detach(),
+            "train/agreement": (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean(),
             "lr/student": self.optimizer.param_groups[0]["lr"],
             "images": float(len(images)),
         }

@@ -7,11 +7,11 @@ the teacher (adversarial). The student then distils the teacher on fresh generat
 
 Per outer iteration (one ``train_step``; the toolkit's ``synthesize()`` + ``train()`` block)::
 
-    repeat g_steps (1) times:                                     S in eval mode (toolkit), G in train mode
+    repeat generator_steps (1) times:                             S in eval mode (toolkit), G in train mode
         z ~ N(0, I_nz);  x = N(G(z));  t = T(x);  s = S(x);  p̄ = mean_i softmax(t_i)
         L_G = −adv·kldiv(s, t, τ) + oh·CE(t, argmax t) + balance·Σ_c p̄_c log p̄_c + bn·L_BN
         G ← Adam step
-    repeat kd_steps (10) times:                                   G in eval mode (toolkit ``sample()``)
+    repeat student_steps (10) times:                              G in eval mode (toolkit ``sample()``)
         z ~ N(0, I_nz);  x = N(G(z)) (no grad);  L_S = kldiv(S(x), T(x), τ)    S ← SGD step
     S scheduler step (cosine over the run, eta_min 2e-4)
 
@@ -20,8 +20,8 @@ generator. The toolkit builds its synthesizer with ``student=teacher`` (spec §6
 adversarial term identically 0; here the real student is used, as in MosaicKD ``kd_datafree.py``.
 
 MosaicKD ``kd_datafree.py`` flavour (README: oh 1, ie 20, bn 1, adv 1): ``generator=mosaickd nz=100
-bn_variant=concat balance_log_base=10 temperature=1 g_steps=1 kd_steps=5 batch_size=128
-student_optimizer=adam lr_s=1e-3 weight_decay=1e-4 student_eval_in_g_step=false
+bn_variant=concat balance_log_base=10 temperature=1 generator_steps=1 student_steps=5 batch_size=128
+optim.student='{name: adam, lr: 1e-3, weight_decay: 1e-4, schedule: constant}' student_eval_in_g_step=false
 generator_eval_for_kd=false``.
 """
 
@@ -34,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
 from rayoodkd.methods.losses import (
     BNStatistics,
     BNVariant,
@@ -43,8 +43,17 @@ from rayoodkd.methods.losses import (
     require_batchnorm,
     to_unit,
 )
+from rayoodkd.methods.optim import OptimizerConfig, adam, sgd
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_generator
+
+
+class DFQOptimizers(MethodConfig):
+    """The toolkit's: the student's cosine runs over the data-free budget to eta_min 2e-4; G's lr is
+    constant."""
+
+    student: OptimizerConfig = sgd(0.1, weight_decay=1e-4, schedule="cosine", eta_min=2e-4)
+    generator: OptimizerConfig = adam(1e-3, betas=(0.5, 0.999))
 
 
 class DFQConfig(MethodConfig):
@@ -54,8 +63,8 @@ class DFQConfig(MethodConfig):
     nz: int = Field(256, ge=1)
     ngf: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=2, description="synthetic images per G and S step (per worker)")
-    g_steps: int = Field(1, ge=0, description="G steps per outer iteration")
-    kd_steps: int = Field(10, ge=1, description="student steps per outer iteration")
+    generator_steps: int = Field(1, ge=0, description="G steps per outer iteration")
+    student_steps: int = Field(10, ge=1, description="student steps per outer iteration")
     adv: float = Field(1.0, ge=0, description="weight of −kldiv(s, t, adv_temperature) (real student, §6.7)")
     bn: float = Field(1.0, ge=0, description="weight of the teacher BN-statistics loss")
     oh: float = Field(1.0, ge=0, description="weight of CE(t, argmax t)")
@@ -68,13 +77,7 @@ class DFQConfig(MethodConfig):
         gt=0,
         description="τ of the adversarial term (MosaicKD: 1; the toolkit's τ=20 diverges, see docs)",
     )
-    student_optimizer: Literal["sgd", "adam"] = "sgd"
-    lr_s: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    eta_min: float = Field(2e-4, ge=0, description="floor of the student's cosine schedule")
-    lr_g: float = Field(1e-3, gt=0)
-    g_betas: tuple[float, float] = (0.5, 0.999)
+    optim: DFQOptimizers = DFQOptimizers()
     student_eval_in_g_step: bool = Field(True, description="toolkit: S.eval() while synthesising")
     generator_eval_for_kd: bool = Field(True, description="toolkit: G.eval() (BN running stats) in sample()")
 
@@ -96,19 +99,15 @@ class DFQ(Method):
         self.output_space = self.generator.output_space
         self.bn_stats = BNStatistics(teacher, cfg.bn_variant)
         self.log_base = math.e if cfg.balance_log_base == "e" else 10.0
-        if cfg.student_optimizer == "adam":
-            self.opt_s: torch.optim.Optimizer = torch.optim.Adam(
-                student.parameters(), lr=cfg.lr_s, weight_decay=cfg.weight_decay
-            )
-        else:
-            self.opt_s = torch.optim.SGD(
-                student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=cfg.g_betas)
-        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt_s, T_max=ctx.max_steps, eta_min=cfg.eta_min
+        self.opt_s, self.sched_s = cfg.optim.student.build(student.parameters(), self.datafree_steps())
+        self.opt_g, self.sched_g = cfg.optim.generator.build(
+            self.generator.parameters(), self.datafree_steps()
         )
         self.latest: Tensor | None = None
+
+    def datafree_steps(self) -> int:
+        """The outer iterations the schedules anneal over."""
+        return self.ctx.max_steps
 
     def players(self) -> dict[str, nn.Module]:
         return {"student": self.student, "generator": self.generator}
@@ -117,13 +116,13 @@ class DFQ(Method):
         return {"student": self.opt_s, "generator": self.opt_g}
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        return {"student": self.sched_s}
+        return {"student": self.sched_s, "generator": self.sched_g}
 
     def _synthesize(self) -> Tensor:
         images = self.generator(self.ctx.randn(self.cfg.batch_size, self.cfg.nz))
         return self.ctx.normalize(images) if self.output_space == "unit" else images
 
-    def generator_step(self) -> dict[str, float]:
+    def generator_step(self) -> Metrics:
         """One G step on the DFQ objective (module docstring); returns its loss terms."""
         cfg: DFQConfig = self.cfg
         self.generator.train()
@@ -143,14 +142,14 @@ class DFQ(Method):
         self.student.train()
         self.latest = images[:64].detach()
         return {
-            "loss/generator": loss.item(),
-            "loss/adv": loss_adv.item(),
-            "loss/bn": loss_bn.item(),
-            "loss/oh": loss_oh.item(),
-            "loss/balance": loss_balance.item(),
+            "loss/generator": loss.detach(),
+            "loss/adv": loss_adv.detach(),
+            "loss/bn": loss_bn.detach(),
+            "loss/oh": loss_oh.detach(),
+            "loss/balance": loss_balance.detach(),
         }
 
-    def student_step(self) -> dict[str, float]:
+    def student_step(self) -> Metrics:
         """One KD step of the student on fresh generator samples."""
         cfg: DFQConfig = self.cfg
         self.generator.train(not cfg.generator_eval_for_kd)
@@ -162,21 +161,22 @@ class DFQ(Method):
         loss = kd_loss(s.float(), t.float(), cfg.temperature)
         self.ctx.step(loss, self.opt_s, "student")
         self.generator.train()
-        agreement = (s.argmax(1) == t.argmax(1)).float().mean().item()
-        return {"loss/kd": loss.item(), "train/agreement": agreement}
+        agreement = (s.argmax(1) == t.argmax(1)).float().mean()
+        return {"loss/kd": loss.detach(), "train/agreement": agreement}
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: DFQConfig = self.cfg
-        metrics: dict[str, float] = {}
-        for _ in range(cfg.g_steps):
+        metrics: Metrics = {}
+        for _ in range(cfg.generator_steps):
             metrics.update(self.generator_step())
-        for _ in range(cfg.kd_steps):
+        for _ in range(cfg.student_steps):
             metrics.update(self.student_step())
         self.sched_s.step()
+        self.sched_g.step()
         return {
             **metrics,
             "lr/student": self.opt_s.param_groups[0]["lr"],
-            "images": float(cfg.kd_steps * cfg.batch_size),
+            "images": float(cfg.student_steps * cfg.batch_size),
         }
 
     def samples(self) -> Tensor | None:

@@ -13,16 +13,21 @@ fine-tuning stage selects.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from rayoodkd.methods.base import RunContext, Stage, Streams, kd_loss
-from rayoodkd.methods.dfq import DFQ, DFQConfig
+from rayoodkd.methods.base import Metrics, RunContext, Stage, Streams, kd_loss
+from rayoodkd.methods.dfq import DFQ, DFQConfig, DFQOptimizers
+from rayoodkd.methods.optim import OptimizerConfig, sgd
 from rayoodkd.methods.registry import METHODS
+
+
+class DFQFinetuneOptimizers(DFQOptimizers):
+    """DFQ's, and the fine-tuning optimizer (cosine over the fine-tuning budget)."""
+
+    finetune: OptimizerConfig = sgd(0.01, weight_decay=5e-4, schedule="cosine")
 
 
 class DFQFinetuneConfig(DFQConfig):
@@ -30,10 +35,7 @@ class DFQFinetuneConfig(DFQConfig):
 
     datafree_steps: int = Field(500, ge=1, description="DFQ outer iterations (stage 1)")
     finetune_steps: int = Field(500, ge=1, description="fine-tuning steps on data.labelled (stage 2)")
-    finetune_optimizer: Literal["sgd", "adam"] = "sgd"
-    finetune_lr: float = Field(0.01, gt=0)
-    finetune_momentum: float = Field(0.9, ge=0, lt=1)
-    finetune_weight_decay: float = Field(5e-4, ge=0)
+    optim: DFQFinetuneOptimizers = DFQFinetuneOptimizers()
     finetune_kd_weight: float = Field(0.0, ge=0, description="weight of kldiv from the teacher (0: CE only)")
     finetune_temperature: float = Field(4.0, gt=0)
 
@@ -50,21 +52,10 @@ class DFQFinetune(DFQ):
         self, teacher: nn.Module, student: nn.Module, cfg: DFQFinetuneConfig, ctx: RunContext
     ) -> None:
         super().__init__(teacher, student, cfg, ctx)
-        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt_s, T_max=cfg.datafree_steps, eta_min=cfg.eta_min
-        )
-        if cfg.finetune_optimizer == "adam":
-            self.opt_ft: torch.optim.Optimizer = torch.optim.Adam(
-                student.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.finetune_weight_decay
-            )
-        else:
-            self.opt_ft = torch.optim.SGD(
-                student.parameters(),
-                lr=cfg.finetune_lr,
-                momentum=cfg.finetune_momentum,
-                weight_decay=cfg.finetune_weight_decay,
-            )
-        self.sched_ft = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_ft, T_max=cfg.finetune_steps)
+        self.opt_ft, self.sched_ft = cfg.optim.finetune.build(student.parameters(), cfg.finetune_steps)
+
+    def datafree_steps(self) -> int:
+        return self.cfg.datafree_steps
 
     def stages(self) -> list[Stage]:
         cfg: DFQFinetuneConfig = self.cfg
@@ -79,12 +70,12 @@ class DFQFinetune(DFQ):
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         return {**super().schedulers(), "finetune": self.sched_ft}
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         if self.ctx.stage == "datafree":
             return super().train_step(data)
         return self.finetune_step(data)
 
-    def finetune_step(self, data: Streams) -> dict[str, float]:
+    def finetune_step(self, data: Streams) -> Metrics:
         """One CE (+ optional KD) step of the student on a labelled student-domain batch."""
         cfg: DFQFinetuneConfig = self.cfg
         batch = data.next("labelled")
@@ -94,18 +85,18 @@ class DFQFinetune(DFQ):
             logits = self.student(images).float()
         loss_ce = F.cross_entropy(logits, labels)
         loss = loss_ce
-        metrics = {"loss/ce": loss_ce.item()}
+        metrics = {"loss/ce": loss_ce.detach()}
         if cfg.finetune_kd_weight > 0:
             with torch.no_grad(), self.ctx.autocast():
                 teacher_logits = self.teacher(images).float()
             loss_kd = kd_loss(logits, teacher_logits, cfg.finetune_temperature)
             loss = loss + cfg.finetune_kd_weight * loss_kd
-            metrics["loss/kd"] = loss_kd.item()
+            metrics["loss/kd"] = loss_kd.detach()
         self.ctx.step(loss, self.opt_ft, "finetune")
         self.sched_ft.step()
         return {
             **metrics,
-            "train/top1": 100 * (logits.argmax(1) == labels).float().mean().item(),
+            "train/top1": 100 * (logits.argmax(1) == labels).float().mean(),
             "lr/student": self.opt_ft.param_groups[0]["lr"],
             "images": float(len(images)),
         }

@@ -13,14 +13,19 @@ Per step::
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
+from rayoodkd.methods.optim import OptimizerConfig, sgd
 from rayoodkd.methods.registry import METHODS
+
+
+class KDOptimizers(MethodConfig):
+    student: OptimizerConfig = sgd(0.1, weight_decay=1e-4, schedule="cosine")
 
 
 class KDConfig(MethodConfig):
@@ -28,18 +33,7 @@ class KDConfig(MethodConfig):
 
     temperature: float = Field(5.0, gt=0)
     kd_weight: float = Field(1.0, ge=0, le=1, description="α; 1 − α weights the CE on labels (kd_id only)")
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-
-
-def make_optimizer(params: object, cfg: KDConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay) or Adam for the student, as configured."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optim: KDOptimizers = KDOptimizers()
 
 
 class _HintonKD(Method):
@@ -48,10 +42,7 @@ class _HintonKD(Method):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: KDConfig, ctx: RunContext) -> None:
         super().__init__(teacher, student, cfg, ctx)
-        self.optimizer = make_optimizer(student.parameters(), cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        if cfg.schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=ctx.max_steps)
+        self.optimizer, self.scheduler = cfg.optim.student.build(student.parameters(), ctx.max_steps)
 
     def players(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -62,7 +53,7 @@ class _HintonKD(Method):
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         return {"student": self.scheduler}
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: KDConfig = self.cfg
         batch = data.next(self.stream)
         images, labels = batch["image"], batch["label"]
@@ -73,17 +64,17 @@ class _HintonKD(Method):
             student_logits = self.student(images)
             loss_kd = kd_loss(student_logits.float(), teacher_logits.float(), cfg.temperature)
             loss = cfg.kd_weight * loss_kd
-            metrics = {"loss/kd": loss_kd.item()}
+            metrics = {"loss/kd": loss_kd.detach()}
             if cfg.kd_weight < 1 and bool((labels >= 0).all()):
                 loss_ce = nn.functional.cross_entropy(student_logits.float(), labels)
                 loss = loss + (1 - cfg.kd_weight) * loss_ce
-                metrics["loss/ce"] = loss_ce.item()
+                metrics["loss/ce"] = loss_ce.detach()
         self.ctx.step(loss, self.optimizer, "student")
         self.scheduler.step()
-        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+        agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
         return {
             **metrics,
-            "loss/total": loss.item(),
+            "loss/total": loss.detach(),
             "train/agreement": agreement,
             "lr/student": self.optimizer.param_groups[0]["lr"],
             "images": float(images.shape[0]),

@@ -35,6 +35,7 @@ from torch import Generator, Tensor, nn
 
 from rayoodkd.methods.base import (
     Method,
+    Metrics,
     PlayerOptions,
     RunContext,
     Stage,
@@ -140,9 +141,7 @@ class KD3(Method):
             for p in module.parameters()
             if p.requires_grad
         ]
-        self.optimizer = torch.optim.SGD(
-            trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = cfg.optim.student.optimizer(trainable)
         self.vote_epochs = max(round(cfg.teacher_vote * cfg.epochs), 1)
 
     def stages(self) -> list[Stage]:
@@ -202,7 +201,7 @@ class KD3(Method):
             "student/extra_parameters": float(student.extra_parameters()),
         }
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: KD3Config = self.cfg
         images = data.next("web")["image"]
         for module in (self.student, self.embed_student, self.embed_teacher):
@@ -214,23 +213,23 @@ class KD3(Method):
         with self.ctx.autocast():
             student_logits, student_features, projected = self.student(images, features=True)
             student_logits, projected = student_logits.float(), projected.float()
-        metrics: dict[str, float] = {}
+        metrics: Metrics = {}
         if cfg.feature_alignment:
             loss = self._alignment_loss(projected, teacher_map.float(), student_logits, teacher_logits)
-            metrics["loss/feature_alignment"] = loss.item()
+            metrics["loss/feature_alignment"] = loss.detach()
         else:
             loss = kd_loss(student_logits, teacher_logits, cfg.kd_temperature)
-            metrics["loss/kd"] = loss.item()
+            metrics["loss/kd"] = loss.detach()
         if cfg.mix_distribution:
             contrastive = self._contrastive_loss(images, student_features.float(), teacher_features.float())
             loss = loss + cfg.mix_weight * contrastive
-            metrics["loss/contrastive"] = contrastive.item()
+            metrics["loss/contrastive"] = contrastive.detach()
         self.ctx.step(loss, self.optimizer, "student")
         agreement = (student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()
         return {
             **metrics,
-            "loss/total": loss.item(),
-            "train/agreement": agreement.item(),
+            "loss/total": loss.detach(),
+            "train/agreement": agreement.detach(),
             "lr/student": self.optimizer.param_groups[0]["lr"],
             "images": float(len(images)),
         }

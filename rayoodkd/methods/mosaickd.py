@@ -16,9 +16,9 @@ batch size)::
              L_adv     = −τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), τ = 1     (Eqn. 7, DRO; nothing detached)
              L_balance = Σ_c p̄_c log₂ p̄_c                              (appendix, against mode collapse)
              L_G = λ_adv·L_adv + λ_align·L_align + λ_local·L_local + λ_balance·L_balance
-    kd_steps × S step:  X = concat[normalize(G(z')) (no grad), x_ood (augmented view)]
+    student_steps × S step:  X = concat[normalize(G(z')) (no grad), x_ood (augmented view)]
              L_S = τ_kd²·KL(softmax(T(X)/τ_kd) ‖ softmax(S(X)/τ_kd))
-    step the three cosine schedulers (T_max = max_steps)
+    step the three cosine schedulers (over max_steps)
 
 T stays in ``eval()``; S, G and D stay in ``train()`` throughout (official), so S's BatchNorm statistics also
 see the G-step forward. The patch size L is D's exact receptive field and s its output stride
@@ -35,13 +35,23 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
+from rayoodkd.methods.optim import OptimizerConfig, adam, sgd
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_discriminator, build_generator
 
 _DISCRIMINATORS = {"patch": "patch", "full_image": "full_image", "official": "mosaickd_official"}
 _OFFICIAL_PATCH = (10, 4)
 _MAX_SAMPLES = 64
+
+
+class MosaicKDOptimizers(MethodConfig):
+    """The official optimizers: cosine annealing per outer iteration over max_steps (the official lr_d is
+    lr_g)."""
+
+    student: OptimizerConfig = sgd(0.1, weight_decay=1e-4, schedule="cosine")
+    generator: OptimizerConfig = adam(1e-3, betas=(0.5, 0.999), schedule="cosine")
+    discriminator: OptimizerConfig = adam(1e-3, betas=(0.5, 0.999), schedule="cosine")
 
 
 class MosaicKDConfig(MethodConfig):
@@ -77,7 +87,9 @@ class MosaicKDConfig(MethodConfig):
         "divide by the number of patch logits too (rescales λ_local by 1/#patches)",
     )
     # student distillation
-    kd_steps: int = Field(5, ge=1, description="student steps per outer iteration (hard-coded 5 officially)")
+    student_steps: int = Field(
+        5, ge=1, description="student steps per outer iteration (hard-coded 5 officially)"
+    )
     kd_temperature: float = Field(1.0, gt=0, description="τ of the student's KD loss")
     synthetic_batch_size: int | None = Field(
         None, ge=1, description="B, synthetic images per G/D/S step; None = the OOD batch size"
@@ -88,14 +100,7 @@ class MosaicKDConfig(MethodConfig):
         "normaliser); (mean, std): re-normalise them with these statistics, the official quirk "
         "(CIFAR-10's own statistics while synthetic images use CIFAR-100's)",
     )
-    # optimisers (cosine annealing per outer iteration, T_max = max_steps)
-    lr: float = Field(0.1, gt=0, description="student SGD learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    lr_generator: float = Field(1e-3, gt=0, description="G Adam learning rate")
-    lr_discriminator: float = Field(1e-3, gt=0, description="D Adam learning rate (official: lr_g)")
-    betas: tuple[float, float] = (0.5, 0.999)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    optim: MosaicKDOptimizers = MosaicKDOptimizers()
 
     @model_validator(mode="after")
     def _check(self) -> MosaicKDConfig:
@@ -150,14 +155,6 @@ def select_ood_subset(teacher: nn.Module, images: Tensor, n: int, batch_size: in
     return torch.argsort(scores, descending=True, stable=True)[:n]
 
 
-def _optimizer_and_schedule(
-    optimizer: torch.optim.Optimizer, cfg: MosaicKDConfig, max_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    if cfg.schedule == "cosine":
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
 @METHODS.register("mosaickd")
 class MosaicKD(Method):
     """MosaicKD: patch-level GAN on OOD data + teacher alignment + DRO against the student."""
@@ -172,17 +169,9 @@ class MosaicKD(Method):
         self.generator = build_generator(
             "mosaickd", nz=cfg.nz, ngf=cfg.ngf, image_size=ctx.image_size, channels=ctx.channels
         ).to(device)
-        self.optimizer_s, self.scheduler_s = _optimizer_and_schedule(
-            torch.optim.SGD(
-                student.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            ),
-            cfg,
-            ctx.max_steps,
-        )
-        self.optimizer_g, self.scheduler_g = _optimizer_and_schedule(
-            torch.optim.Adam(self.generator.parameters(), cfg.lr_generator, betas=cfg.betas),
-            cfg,
-            ctx.max_steps,
+        self.optimizer_s, self.scheduler_s = cfg.optim.student.build(student.parameters(), ctx.max_steps)
+        self.optimizer_g, self.scheduler_g = cfg.optim.generator.build(
+            self.generator.parameters(), ctx.max_steps
         )
         self.discriminator: nn.Module | None = None
         self.receptive_field = self.output_stride = 0
@@ -190,10 +179,8 @@ class MosaicKD(Method):
             self.discriminator = self._build_discriminator(cfg, ctx).to(device)
             self.receptive_field = int(self.discriminator.effective_receptive_field)
             self.output_stride = int(self.discriminator.output_stride)
-            self.optimizer_d, self.scheduler_d = _optimizer_and_schedule(
-                torch.optim.Adam(self.discriminator.parameters(), cfg.lr_discriminator, betas=cfg.betas),
-                cfg,
-                ctx.max_steps,
+            self.optimizer_d, self.scheduler_d = cfg.optim.discriminator.build(
+                self.discriminator.parameters(), ctx.max_steps
             )
         self._samples: Tensor | None = None
 
@@ -257,12 +244,12 @@ class MosaicKD(Method):
 
     # ------------------------------------------------------------------------------------------- one step
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: MosaicKDConfig = self.cfg
         ctx = self.ctx
         self.student.train()
         self.generator.train()
-        metrics: dict[str, float] = {}
+        metrics: Metrics = {}
 
         # The un-augmented OOD view paces the outer loop (the official train_loader) and feeds D.
         real = data.next("ood", augment=False)["image"]
@@ -283,9 +270,9 @@ class MosaicKD(Method):
             ctx.step(loss_d, self.optimizer_d, "discriminator")
             metrics.update(
                 {
-                    "loss/d": loss_d.item(),
-                    "d/real_prob": torch.sigmoid(d_real).mean().item(),
-                    "d/fake_prob": torch.sigmoid(d_fake).mean().item(),
+                    "loss/d": loss_d.detach(),
+                    "d/real_prob": torch.sigmoid(d_real).mean().detach(),
+                    "d/fake_prob": torch.sigmoid(d_fake).mean().detach(),
                 }
             )
 
@@ -302,29 +289,29 @@ class MosaicKD(Method):
                     d_fake = self.discriminator(images).float()
                 loss_local = patch_bce(d_fake, True, len(d_fake), cfg.local_reduction)  # Eqn. 3
                 loss_g = loss_g + cfg.local_weight * loss_local
-                metrics["loss/local"] = loss_local.item()
+                metrics["loss/local"] = loss_local.detach()
             if cfg.use_adversarial:
                 with ctx.autocast():
                     student_logits = self.student(images).float()
                 loss_adv = -kd_loss(student_logits, teacher_logits, 1.0)  # Eqn. 7 (DRO)
                 loss_g = loss_g + cfg.adv_weight * loss_adv
-                metrics["loss/adv"] = loss_adv.item()
+                metrics["loss/adv"] = loss_adv.detach()
             ctx.step(loss_g, self.optimizer_g, "generator")
         p_mean = torch.softmax(teacher_logits.detach(), dim=1).mean(0)
         counts = torch.bincount(teacher_logits.argmax(1), minlength=ctx.num_classes)
         metrics.update(
             {
-                "loss/g": loss_g.item(),
-                "loss/align": loss_align.item(),
-                "loss/balance": loss_balance.item(),
-                "g/class_entropy": -torch.special.xlogy(p_mean, p_mean).sum().item(),
-                "g/max_class_fraction": (counts.max() / batch).item(),
+                "loss/g": loss_g.detach(),
+                "loss/align": loss_align.detach(),
+                "loss/balance": loss_balance.detach(),
+                "g/class_entropy": -torch.special.xlogy(p_mean, p_mean).sum().detach(),
+                "g/max_class_fraction": (counts.max() / batch).detach(),
             }
         )
 
         # Knowledge distillation on synthetic + raw OOD images.
         loss_kd_sum, images_seen = 0.0, 0
-        for _ in range(cfg.kd_steps):
+        for _ in range(cfg.student_steps):
             with torch.no_grad():
                 x = torch.cat([self._synthesize(batch)[1], self._ood_for_kd(data)])
                 with ctx.autocast():
@@ -333,14 +320,14 @@ class MosaicKD(Method):
                 student_logits = self.student(x).float()
             loss_kd = kd_loss(student_logits, teacher_logits, cfg.kd_temperature)
             ctx.step(loss_kd, self.optimizer_s, "student")
-            loss_kd_sum += loss_kd.item()
+            loss_kd_sum += loss_kd.detach()
             images_seen += len(x)
 
         for scheduler in self.schedulers().values():
             scheduler.step()
         return {
             **metrics,
-            "loss/kd": loss_kd_sum / cfg.kd_steps,
+            "loss/kd": loss_kd_sum / cfg.student_steps,
             "lr/student": self.optimizer_s.param_groups[0]["lr"],
             "images": float(images_seen),
         }

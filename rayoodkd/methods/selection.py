@@ -10,11 +10,21 @@ from pydantic import Field
 from torch import Tensor
 
 from rayoodkd.methods.base import MethodConfig, RunContext, Stage
+from rayoodkd.methods.optim import OptimizerConfig, sgd
+
+
+class EpochSelectionOptimizers(MethodConfig):
+    """KD3's official: SGD, × 0.1 at 62.5 %, 75 % and 87.5 % of the epochs (150/180/210 of 240), set at
+    each epoch's start."""
+
+    student: OptimizerConfig = sgd(
+        0.05, weight_decay=5e-4, schedule="multistep", milestones=(0.625, 0.75, 0.875)
+    )
 
 
 class EpochSelectionConfig(MethodConfig):
     """What the methods that re-select the web stream every epoch share (defaults: KD3's official code,
-    spec §5.4): the selection rule, the epoch budget, and SGD with a step schedule over the epochs."""
+    spec §5.4): the selection rule, the epoch budget, and the student's optimizer over the epochs."""
 
     epochs: int = Field(240, ge=1, description="epochs, each starting with a selection over the web stream")
     p_cutoff: float = Field(0.95, gt=0, lt=1, description="the confidence cut for the most predicted class")
@@ -29,20 +39,14 @@ class EpochSelectionConfig(MethodConfig):
         description="fixed steps per epoch, cycling the selection (equal-step comparisons); "
         "null: one pass over the selection (official)",
     )
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    milestones: tuple[float, ...] = Field((0.625, 0.75, 0.875), description="fractions of the epochs")
-    gamma: float = Field(0.1, gt=0, le=1)
+    optim: EpochSelectionOptimizers = EpochSelectionOptimizers()
 
     def stage(self) -> Stage:
         return Stage("train", epochs=self.epochs, eval_every_epochs=self.eval_every_epochs)
 
     def lr_at(self, epoch: int) -> float:
-        """lr × gamma for every milestone passed: a function of the epoch, exact however a run is resumed."""
-        return self.lr * self.gamma ** sum(
-            epoch >= round(fraction * self.epochs) for fraction in self.milestones
-        )
+        """The student's lr in ``epoch``: a function of the epoch, exact however a run is resumed."""
+        return self.optim.student.lr_at(epoch, self.epochs)
 
     def epoch_steps(self, selected_steps: int) -> int:
         """``steps_per_epoch`` when set, else the selection's batches; 0 when it fills no batch."""

@@ -48,7 +48,7 @@ from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from rayoodkd.augment import augment_batch
-from rayoodkd.methods.base import Method, MethodConfig, RunContext, Streams, kd_loss
+from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
 from rayoodkd.methods.losses import (
     BNStatistics,
     BNVariant,
@@ -58,11 +58,19 @@ from rayoodkd.methods.losses import (
     to_unit,
     tv_prior,
 )
+from rayoodkd.methods.optim import OptimizerConfig, adam, sgd
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_generator
 
 # DivideMix's GMM settings, as used by TA-DFKD ``Sample_Selection.split`` (spec §4.3).
 GMM_SETTINGS = {"n_components": 2, "max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4}
+
+
+class TADFKDOptimizers(MethodConfig):
+    """The official: the student's cosine over the run, G's lr constant."""
+
+    student: OptimizerConfig = sgd(0.01, weight_decay=5e-4, schedule="cosine")
+    generator: OptimizerConfig = adam(1e-3)
 
 
 class TADFKDConfig(MethodConfig):
@@ -88,11 +96,7 @@ class TADFKDConfig(MethodConfig):
     max_draws: int = Field(16, ge=1, description="bound on generator draws to fill one student batch")
     augment: Literal["none", "crop", "crop_flip"] = "crop_flip"
     augment_whole_batch: bool = Field(True, description="one crop/flip for the whole batch (official)")
-    lr_s: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    lr_g: float = Field(1e-3, gt=0)
-    g_betas: tuple[float, float] = (0.9, 0.999)
+    optim: TADFKDOptimizers = TADFKDOptimizers()
 
 
 @dataclass
@@ -205,11 +209,8 @@ class TADFKD(Method):
             dafl_bn_eps_quirk=cfg.dafl_bn_eps_quirk,
         ).to(ctx.device)
         self.bn_stats = BNStatistics(teacher, cfg.bn_variant)
-        self.opt_s = torch.optim.SGD(
-            student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=cfg.g_betas)
-        self.sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, T_max=ctx.max_steps)
+        self.opt_s, self.sched_s = cfg.optim.student.build(student.parameters(), ctx.max_steps)
+        self.opt_g, self.sched_g = cfg.optim.generator.build(self.generator.parameters(), ctx.max_steps)
         self.selections: list[Selection] = []
         self.latest: Tensor | None = None
 
@@ -220,7 +221,7 @@ class TADFKD(Method):
         return {"student": self.opt_s, "generator": self.opt_g}
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        return {"student": self.sched_s}
+        return {"student": self.sched_s, "generator": self.sched_g}
 
     def _views(self, fake: Tensor) -> tuple[Tensor, Tensor]:
         """(training view, testing view) of a generated batch in [0, 1]."""
@@ -251,7 +252,7 @@ class TADFKD(Method):
             return kd_loss(s, t, cfg.temperature)
         return F.l1_loss(s, t)
 
-    def student_step(self) -> dict[str, float]:
+    def student_step(self) -> Metrics:
         """Fill a batch of selected samples and take one student step on it."""
         cfg: TADFKDConfig = self.cfg
         filled = fill_selected_batch(self._draw, cfg.batch_size, cfg.max_draws, self.ctx.generator)
@@ -272,15 +273,15 @@ class TADFKD(Method):
         loss = self.student_loss(s.float(), t.float())
         self.ctx.step(loss, self.opt_s, "student")
         return {
-            "loss/student": loss.item(),
+            "loss/student": loss.detach(),
             "images": float(len(images)),
             "select/draws": float(filled.draws),
             "select/bound_hit": float(filled.bound_hit),
             "select/empty_fallback": fallback,
-            "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean().item(),
+            "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean(),
         }
 
-    def generator_step(self) -> dict[str, float]:
+    def generator_step(self) -> Metrics:
         """One G step: adversarial 1 − JSD on the selected samples, BN statistics, TV and L2 priors."""
         cfg: TADFKDConfig = self.cfg
         with self.ctx.no_sync(self.student):
@@ -300,16 +301,16 @@ class TADFKD(Method):
             self.ctx.step(loss, self.opt_g, "generator")
         self.latest = fake[:64].detach()
         return {
-            "loss/generator": loss.item(),
-            "loss/adv": loss_adv.item(),
-            "loss/js": js.item(),
-            "loss/bn": loss_bn.item(),
-            "loss/tv": loss_tv.item(),
-            "loss/l2": loss_l2.item(),
+            "loss/generator": loss.detach(),
+            "loss/adv": loss_adv.detach(),
+            "loss/js": js.detach(),
+            "loss/bn": loss_bn.detach(),
+            "loss/tv": loss_tv.detach(),
+            "loss/l2": loss_l2.detach(),
             "select/g_batch": float(len(selected)),
         }
 
-    def train_step(self, data: Streams) -> dict[str, float]:
+    def train_step(self, data: Streams) -> Metrics:
         cfg: TADFKDConfig = self.cfg
         self.student.train()
         self.generator.train()
@@ -317,6 +318,7 @@ class TADFKD(Method):
         steps = [self.student_step() for _ in range(cfg.student_steps)]
         metrics = self.generator_step()
         self.sched_s.step()
+        self.sched_g.step()
         for key in ("loss/student", "select/draws", "train/agreement"):
             metrics[key] = sum(step[key] for step in steps) / len(steps)
         for key in ("images", "select/bound_hit", "select/empty_fallback"):
