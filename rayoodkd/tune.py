@@ -185,7 +185,7 @@ def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace
 
     An override whose first part is a space key (``num_samples=8``, ``scheduler.grace_period=2``, or one
     searched key's domain: ``search.augkd.a={grid: [0.2, 1.0]}``) changes the space; any other
-    (``max_steps=200``, ``mosaickd.student_steps=2``) is a fixed override of every trial.
+    (``max_steps=200``, ``mosaickd.kd_steps=2``) is a fixed override of every trial.
     """
     path = find_space(ref)
     data = yaml.safe_load(path.read_text()) or {}

@@ -27,16 +27,16 @@ MEAN, STD = (0.13,), (0.31,)
 
 # Tiny settings per method: a few images per step, narrow generators.
 TINY = {
-    "dfad": {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 2},
-    "dfq": {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 2, "temperature": 4.0},
+    "dfad": {"batch_size": 8, "nz": 8, "ngf": 4, "kd_steps": 2},
+    "dfq": {"batch_size": 8, "nz": 8, "ngf": 4, "kd_steps": 2, "temperature": 4.0},
     "deepinv": {
         "batch_size": 8,
         "inversion_steps": 3,
-        "student_steps": 2,
+        "kd_steps": 2,
         "pool_size": 12,
         "augment": "crop",
     },
-    "tadfkd": {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 2, "augment": "crop", "max_draws": 4},
+    "tadfkd": {"batch_size": 8, "nz": 8, "ngf": 4, "kd_steps": 2, "augment": "crop", "max_draws": 4},
 }
 
 

@@ -290,7 +290,7 @@ def test_deepinv_resumes_each_ranks_own_image_pool_on_two_workers(
     deepinv = [
         "deepinv.batch_size=8",
         "deepinv.inversion_steps=2",
-        "deepinv.student_steps=1",
+        "deepinv.kd_steps=1",
         "deepinv.pool_size=64",
     ]
     common = ["method=deepinv", "data.ood=null", "max_steps=4", "eval.every=2", *deepinv]

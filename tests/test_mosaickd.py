@@ -27,7 +27,7 @@ from rayoodkd.methods.mosaickd import (
 from rayoodkd.models import build_classifier, receptive_field, total_stride
 
 SIZE = 16
-TINY = {"nz": 8, "ngf": 4, "ndf": 4, "student_steps": 2}
+TINY = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 2}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,8 +112,8 @@ def test_one_outer_iteration_updates_g_d_s_and_leaves_teacher_untouched() -> Non
         assert torch.equal(value, before["teacher"][key])
     assert all(p.grad is None for p in method.teacher.parameters())
     # one un-augmented D view, then one augmented OOD batch per KD step
-    assert data.draws == [False] + [True] * TINY["student_steps"]
-    assert metrics["images"] == TINY["student_steps"] * (8 + 8)
+    assert data.draws == [False] + [True] * TINY["kd_steps"]
+    assert metrics["images"] == TINY["kd_steps"] * (8 + 8)
     for key in ("loss/d", "loss/g", "loss/local", "loss/align", "loss/adv", "loss/balance", "loss/kd"):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["g/class_entropy"] <= math.log(10) + 1e-6
@@ -253,7 +253,7 @@ def test_without_adversarial_the_generator_ignores_the_student(use_adversarial: 
     method = _method(use_adversarial=use_adversarial)
     student_calls = _count_forwards(method.student)
     metrics = step_metrics(method, FakeStreams(method.ctx))
-    assert student_calls[0] == TINY["student_steps"] + int(use_adversarial)
+    assert student_calls[0] == TINY["kd_steps"] + int(use_adversarial)
     assert ("loss/adv" in metrics) is use_adversarial
     if not use_adversarial:
         assert metrics["loss/g"] == pytest.approx(

@@ -139,7 +139,7 @@ def _launch_tiny_method(
 
 
 def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
-    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "student_steps": 1, "patch_size": 8, "patch_stride": 4}
+    mosaic = {"nz": 8, "ngf": 4, "ndf": 4, "kd_steps": 1, "patch_size": 8, "patch_stride": 4}
     client, run = _launch_tiny_method(tmp_path, tiny_teacher, "mosaickd", mosaic)
     run_id = run.info.run_id
     assert run.data.params["derived.d/receptive_field"] == "8" and "d/receptive_field" not in run.data.metrics
@@ -152,7 +152,7 @@ def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Pat
 
 
 def test_two_worker_tadfkd_writes_the_summary(tmp_path: Path, bn_teacher: Path, ray_local) -> None:
-    tadfkd = {"batch_size": 8, "nz": 8, "ngf": 4, "student_steps": 1, "max_draws": 4}
+    tadfkd = {"batch_size": 8, "nz": 8, "ngf": 4, "kd_steps": 1, "max_draws": 4}
     client, run = _launch_tiny_method(tmp_path, bn_teacher, "tadfkd", tadfkd, **{"data.ood": "null"})
     assert run.data.tags["student/changed_from_init"] == "true"
     assert 0.0 < run.data.metrics["select/fraction"] <= 1.0

@@ -32,7 +32,7 @@ STAGED = [
     "dfq_finetune.batch_size=8",
     "dfq_finetune.ngf=4",
     "dfq_finetune.nz=8",
-    "dfq_finetune.student_steps=1",
+    "dfq_finetune.kd_steps=1",
     "dfq_finetune.datafree_steps=4",
     "dfq_finetune.finetune_steps=4",
 ]

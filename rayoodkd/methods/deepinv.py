@@ -14,13 +14,13 @@ Per outer iteration (one ``train_step``)::
             + tv·TV(x) + l2·‖x‖₂
         keep x if L is the lowest so far;  x ← Adam step;  clip x to the valid normalised range
     pool ← pool ∪ {best x as uint8 images}  (oldest dropped beyond pool_size)
-    repeat student_steps times:
+    repeat kd_steps times:
         x ~ pool (B images, crop/flip augmented, normalised);  L_S = kldiv(S(x), T(x), τ)   S ← SGD step
     S scheduler step (cosine over the run, eta_min 2e-4)
 
 Cost: one outer iteration is ``inversion_steps`` teacher+student forward/backward passes on B images (the
 toolkit uses 1000 inversion steps with 400 KD steps per batch), so an outer iteration is 10²–10³× dearer than
-a DFQ step; lower ``inversion_steps`` (and ``student_steps``) for CPU demos. The pool is ``extra_state``: it
+a DFQ step; lower ``inversion_steps`` (and ``kd_steps``) for CPU demos. The pool is ``extra_state``: it
 is checkpointed as uint8 (like the toolkit's PNG pool) and a resumed run continues exactly.
 
 Deviation: the toolkit's ``best_inputs = inputs.data`` aliases the tensor Adam then updates in place, so it
@@ -66,7 +66,7 @@ class DeepInvConfig(MethodConfig):
     inversion_steps: int = Field(
         1000, ge=1, description="pixel-optimisation iterations per synthesised batch"
     )
-    student_steps: int = Field(400, ge=1, description="student steps on the pool per synthesised batch")
+    kd_steps: int = Field(400, ge=1, description="student steps on the pool per synthesised batch")
     bn: float = Field(10.0, ge=0, description="weight of the BN-statistics loss (NVlabs script: 100)")
     student_bn: float = Field(
         0.001, ge=0, description="ADI: L_BN^T − student_bn·L_BN^S (0 when the student has no BN)"
@@ -205,10 +205,10 @@ class DeepInversion(Method):
         self.add_to_pool(best)
         self.latest = best[:64]
         self.student.train()
-        for _ in range(cfg.student_steps):
+        for _ in range(cfg.kd_steps):
             metrics.update(self.student_step())
         self.sched_s.step()
-        images = float(cfg.student_steps * min(cfg.batch_size, len(self.pool)))
+        images = float(cfg.kd_steps * min(cfg.batch_size, len(self.pool)))
         return {
             **metrics,
             "pool/size": float(len(self.pool)),

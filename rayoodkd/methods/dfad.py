@@ -6,7 +6,7 @@ the mean absolute logit difference on G's images, G maximises it. No real image,
 
 Per outer iteration (one ``train_step``)::
 
-    repeat student_steps (5) times:
+    repeat kd_steps (5) times:
         z ~ N(0, I_nz);  x = G(z).detach();  t = T(x);  s = S(x)
         L_S = L1(s, t) = mean |s − t|                 S ← SGD step
     z ~ N(0, I_nz);  x = G(z);  t = T(x);  s = S(x)    (t not detached: gradients reach G through T and S)
@@ -46,7 +46,7 @@ class DFADConfig(MethodConfig):
     nz: int = Field(256, ge=1)
     ngf: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=2, description="synthetic images per G and S step (per worker)")
-    student_steps: int = Field(5, ge=1, description="S steps per G step")
+    kd_steps: int = Field(5, ge=1, description="S steps per G step")
     optim: DFADOptimizers = DFADOptimizers()
 
 
@@ -85,7 +85,7 @@ class DFAD(Method):
         cfg: DFADConfig = self.cfg
         self.student.train()
         self.generator.train()
-        for _ in range(cfg.student_steps):
+        for _ in range(cfg.kd_steps):
             with torch.no_grad(), self.ctx.autocast():
                 images = self._synthesize()
                 t = self.teacher(images)
@@ -110,7 +110,7 @@ class DFAD(Method):
             "train/agreement": (s.argmax(1) == t.argmax(1)).float().mean(),
             "lr/student": self.opt_s.param_groups[0]["lr"],
             "lr/generator": self.opt_g.param_groups[0]["lr"],
-            "images": float(cfg.student_steps * cfg.batch_size),
+            "images": float(cfg.kd_steps * cfg.batch_size),
         }
 
     def samples(self) -> Tensor | None:

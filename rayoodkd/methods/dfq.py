@@ -11,7 +11,7 @@ Per outer iteration (one ``train_step``; the toolkit's ``synthesize()`` + ``trai
         z ~ N(0, I_nz);  x = N(G(z));  t = T(x);  s = S(x);  p̄ = mean_i softmax(t_i)
         L_G = −adv·kldiv(s, t, τ) + oh·CE(t, argmax t) + balance·Σ_c p̄_c log p̄_c + bn·L_BN
         G ← Adam step
-    repeat student_steps (10) times:                              G in eval mode (toolkit ``sample()``)
+    repeat kd_steps (10) times:                              G in eval mode (toolkit ``sample()``)
         z ~ N(0, I_nz);  x = N(G(z)) (no grad);  L_S = kldiv(S(x), T(x), τ)    S ← SGD step
     S scheduler step (cosine over the run, eta_min 2e-4)
 
@@ -20,7 +20,7 @@ generator. The toolkit builds its synthesizer with ``student=teacher`` (spec §6
 adversarial term identically 0; here the real student is used, as in MosaicKD ``kd_datafree.py``.
 
 MosaicKD ``kd_datafree.py`` flavour (README: oh 1, ie 20, bn 1, adv 1): ``generator=mosaickd nz=100
-bn_variant=concat balance_log_base=10 temperature=1 generator_steps=1 student_steps=5 batch_size=128
+bn_variant=concat balance_log_base=10 temperature=1 generator_steps=1 kd_steps=5 batch_size=128
 optim.student='{name: adam, lr: 1e-3, weight_decay: 1e-4, schedule: constant}' student_eval_in_g_step=false
 generator_eval_for_kd=false``.
 """
@@ -64,7 +64,7 @@ class DFQConfig(MethodConfig):
     ngf: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=2, description="synthetic images per G and S step (per worker)")
     generator_steps: int = Field(1, ge=0, description="G steps per outer iteration")
-    student_steps: int = Field(10, ge=1, description="student steps per outer iteration")
+    kd_steps: int = Field(10, ge=1, description="student steps per outer iteration")
     adv: float = Field(1.0, ge=0, description="weight of −kldiv(s, t, adv_temperature) (real student, §6.7)")
     bn: float = Field(1.0, ge=0, description="weight of the teacher BN-statistics loss")
     oh: float = Field(1.0, ge=0, description="weight of CE(t, argmax t)")
@@ -169,14 +169,14 @@ class DFQ(Method):
         metrics: Metrics = {}
         for _ in range(cfg.generator_steps):
             metrics.update(self.generator_step())
-        for _ in range(cfg.student_steps):
+        for _ in range(cfg.kd_steps):
             metrics.update(self.student_step())
         self.sched_s.step()
         self.sched_g.step()
         return {
             **metrics,
             "lr/student": self.opt_s.param_groups[0]["lr"],
-            "images": float(cfg.student_steps * cfg.batch_size),
+            "images": float(cfg.kd_steps * cfg.batch_size),
         }
 
     def samples(self) -> Tensor | None:

@@ -16,7 +16,7 @@ batch size)::
              L_adv     = −τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), τ = 1     (Eqn. 7, DRO; nothing detached)
              L_balance = Σ_c p̄_c log₂ p̄_c                              (appendix, against mode collapse)
              L_G = λ_adv·L_adv + λ_align·L_align + λ_local·L_local + λ_balance·L_balance
-    student_steps × S step:  X = concat[normalize(G(z')) (no grad), x_ood (augmented view)]
+    kd_steps × S step:  X = concat[normalize(G(z')) (no grad), x_ood (augmented view)]
              L_S = τ_kd²·KL(softmax(T(X)/τ_kd) ‖ softmax(S(X)/τ_kd))
     step the three cosine schedulers (over max_steps)
 
@@ -87,9 +87,7 @@ class MosaicKDConfig(MethodConfig):
         "divide by the number of patch logits too (rescales λ_local by 1/#patches)",
     )
     # student distillation
-    student_steps: int = Field(
-        5, ge=1, description="student steps per outer iteration (hard-coded 5 officially)"
-    )
+    kd_steps: int = Field(5, ge=1, description="student steps per outer iteration (hard-coded 5 officially)")
     kd_temperature: float = Field(1.0, gt=0, description="τ of the student's KD loss")
     synthetic_batch_size: int | None = Field(
         None, ge=1, description="B, synthetic images per G/D/S step; None = the OOD batch size"
@@ -311,7 +309,7 @@ class MosaicKD(Method):
 
         # Knowledge distillation on synthetic + raw OOD images.
         loss_kd_sum, images_seen = 0.0, 0
-        for _ in range(cfg.student_steps):
+        for _ in range(cfg.kd_steps):
             with torch.no_grad():
                 x = torch.cat([self._synthesize(batch)[1], self._ood_for_kd(data)])
                 with ctx.autocast():
@@ -327,7 +325,7 @@ class MosaicKD(Method):
             scheduler.step()
         return {
             **metrics,
-            "loss/kd": loss_kd_sum / cfg.student_steps,
+            "loss/kd": loss_kd_sum / cfg.kd_steps,
             "lr/student": self.optimizer_s.param_groups[0]["lr"],
             "images": float(images_seen),
         }

@@ -13,7 +13,7 @@ Selection (``split``, §4.3) of a generated batch x = G(z) ∈ [0, 1]::
 
 Per outer iteration (one ``train_step``, §4.2)::
 
-    repeat student_steps (10) times:
+    repeat kd_steps (10) times:
         fill a batch of B selected training-view images: draw z, x = G(z).detach(), select, accumulate;
         the draw that overflows B is subsampled at random (at most max_draws draws; a warning past that)
         L_S = L1(S(x_sel), T(x_sel))  (official; or kldiv with student_loss=kl)      S ← SGD step
@@ -80,7 +80,7 @@ class TADFKDConfig(MethodConfig):
     ngf: int = Field(64, ge=1)
     dafl_bn_eps_quirk: bool = Field(True, description="DAFL's BatchNorm2d(c, 0.8): eps = 0.8 (spec §1.2)")
     batch_size: int = Field(1024, ge=2, description="selected images per student step (README: 1024)")
-    student_steps: int = Field(10, ge=1, description="S steps per G step")
+    kd_steps: int = Field(10, ge=1, description="S steps per G step")
     student_loss: Literal["l1", "kl"] = Field("l1", description="'l1' on logits (official) or kldiv")
     temperature: float = Field(1.0, gt=0, description="τ of kldiv when student_loss=kl")
     adv: float = Field(1.0, ge=0, description="weight of 1 − JSD(T, S)")
@@ -315,7 +315,7 @@ class TADFKD(Method):
         self.student.train()
         self.generator.train()
         self.selections = []
-        steps = [self.student_step() for _ in range(cfg.student_steps)]
+        steps = [self.student_step() for _ in range(cfg.kd_steps)]
         metrics = self.generator_step()
         self.sched_s.step()
         self.sched_g.step()
