@@ -4,14 +4,18 @@
     rayoodkd compare --configs mnist-kd3-web "mnist-kd3-web kd3.select=false" --seeds 0 1 2 max_steps=2000
 
 Each ``--configs`` item is a preset or YAML file, optionally followed by overrides of its own (quote it); the
-trailing ``KEY=VALUE`` overrides apply to every item. Every (config, seed) cell is a full rayoodkd run (its
+trailing ``KEY=VALUE`` overrides apply to every item. ``{seed}`` in an override is the cell's seed (e.g. each
+seed's stage-3 runs starting from that seed's shared run: ``"init_from={checkpoint: R/prefix-s{seed},
+stage: mixup}"``). Every (config, seed) cell is a full rayoodkd run (its
 own TorchTrainer, resumable under its run name) launched from a Ray Tune trial, as many at once as the
 cluster's CPUs (or GPUs) allow, each an MLflow child run of the comparison's run. The result, per config,
 is mean ± std over seeds of the final test top-1, the best validation top-1, the test top-1 of the student
 selected on validation (the figure to compare methods by), wall time and images per second: a markdown
 table, a CSV with every cell, and a PNG of validation top-1 against step (mean line, ±1 std band), written
-to ``--output`` and logged to the comparison's MLflow run. Running the same comparison again (same
-``--name``) resumes its unfinished cells and re-aggregates.
+to ``--output`` and logged to the comparison's MLflow run. ``--metrics KEY ...`` adds columns: the mean ± std
+of each run's last value of those metrics or run-state tags (``test/top3_at_best_val``, ``select/precision``,
+``teacher/test_top1``, ...). Running the same comparison again (same ``--name``) resumes its unfinished cells
+and re-aggregates.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +39,6 @@ from rayoodkd.config import ConfigError, build_config, resolve_config
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 
 COMPARE_FILE = "compare.json"
-ACCURACIES = ("test/top1", "best_val/top1", "test/top1_at_best_val")  # mean ± std; wall and img/s: means
 COLUMNS = {
     "test/top1": "test top-1 (final)",
     "best_val/top1": "best val top-1",
@@ -42,6 +46,13 @@ COLUMNS = {
     "summary/wall_seconds": "wall (s)",
     "throughput/images_per_second": "img/s",
 }
+MEANS_ONLY = ("summary/wall_seconds", "throughput/images_per_second")  # the others: mean ± std
+SEED = "{seed}"
+
+
+def columns(metrics: Sequence[str] = ()) -> dict[str, str]:
+    """The table's metric columns: the standard ones, then ``metrics`` (headed by their key)."""
+    return COLUMNS | {key: key for key in metrics if key not in COLUMNS}
 
 
 @dataclass
@@ -93,8 +104,9 @@ def plan(entries: list[Entry], seeds: list[int], overrides: list[str], name: str
     cells = []
     for entry in entries:
         for seed in seeds:
+            own = [text.replace(SEED, str(seed)) for text in [*overrides, *entry.overrides]]
             try:
-                cfg = resolve_config(entry.ref, [*overrides, *entry.overrides, f"seed={seed}"])
+                cfg = resolve_config(entry.ref, [*own, f"seed={seed}"])
             except (ConfigError, FileNotFoundError) as error:
                 raise ConfigError(f"--configs {entry.label!r}: {error}") from None
             # The config's hash in the name: the same comparison with other settings never reuses these runs.
@@ -140,7 +152,9 @@ def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, 
     )
 
 
-def _collect(cells: list[Cell], trials: str, tracking_uri: str) -> list[CellResult]:
+def _collect(
+    cells: list[Cell], trials: str, tracking_uri: str, metrics: Sequence[str] = ()
+) -> list[CellResult]:
     """Each cell's figures from its MLflow run (a cell that never started has none)."""
     from mlflow.tracking import MlflowClient
 
@@ -155,13 +169,24 @@ def _collect(cells: list[Cell], trials: str, tracking_uri: str) -> list[CellResu
         if run_id:
             run = client.get_run(run_id)
             result.status = run.info.status
-            result.metrics = {key: run.data.metrics[key] for key in COLUMNS if key in run.data.metrics}
+            result.metrics = _figures(run.data.metrics, run.data.tags, columns(metrics))
             if "test/top1_at_best_val" not in result.metrics and "test/top1" in result.metrics:
                 result.metrics["test/top1_at_best_val"] = result.metrics["test/top1"]
             history = client.get_metric_history(run_id, "val/top1")
             result.curve = sorted((m.step, m.value) for m in history)
         results.append(result)
     return results
+
+
+def _figures(metrics: dict[str, float], tags: dict[str, str], keys: Sequence[str]) -> dict[str, float]:
+    """The last logged value of each key, or its run-state tag (e.g. ``teacher/test_top1``)."""
+    figures = {}
+    for key in keys:
+        if key in metrics:
+            figures[key] = metrics[key]
+        elif re.fullmatch(r"-?\d+(\.\d*)?(e-?\d+)?", tags.get(key, "")):
+            figures[key] = float(tags[key])
+    return figures
 
 
 def _mean_std(values: list[float], spread: bool = True) -> str:
@@ -174,10 +199,11 @@ def _mean_std(values: list[float], spread: bool = True) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table_markdown(results: list[CellResult], name: str) -> str:
+def table_markdown(results: list[CellResult], name: str, metrics: Sequence[str] = ()) -> str:
     """Per config: mean ± std over its finished seeds (sample std)."""
     labels = list(dict.fromkeys(r.label for r in results))
-    header = ["config", "seeds", *COLUMNS.values()]
+    wanted = columns(metrics)
+    header = ["config", "seeds", *wanted.values()]
     lines = [
         f"Comparison `{name}`: mean ± std over seeds (sample std); model selection on the validation split.",
         "",
@@ -188,19 +214,20 @@ def table_markdown(results: list[CellResult], name: str) -> str:
         done = [r for r in results if r.label == label and r.status == "FINISHED"]
         total = sum(r.label == label for r in results)
         cells = [
-            _mean_std([r.metrics[key] for r in done if key in r.metrics], spread=key in ACCURACIES)
-            for key in COLUMNS
+            _mean_std([r.metrics[key] for r in done if key in r.metrics], spread=key not in MEANS_ONLY)
+            for key in wanted
         ]
         lines.append(f"| {label} | {len(done)}/{total} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def results_csv(results: list[CellResult]) -> str:
+def results_csv(results: list[CellResult], metrics: Sequence[str] = ()) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["config", "seed", "status", *COLUMNS, "run_name", "mlflow_run_id"])
+    wanted = columns(metrics)
+    writer.writerow(["config", "seed", "status", *wanted, "run_name", "mlflow_run_id"])
     for r in results:
-        values = [r.metrics.get(key, "") for key in COLUMNS]
+        values = [r.metrics.get(key, "") for key in wanted]
         writer.writerow([r.label, r.seed, r.status, *values, r.run_name, r.mlflow_run_id])
     return buffer.getvalue()
 
@@ -258,10 +285,12 @@ def run_compare(
     output: Path | None = None,
     driver_cpus: float = 0.5,
     max_concurrent: int | None = None,
+    metrics: Sequence[str] = (),
     log: Any = print,
 ) -> CompareResult:
     """Run (or resume) every cell, then aggregate; see the module doc. ``max_concurrent`` caps the runs at
-    once (1: one at a time, for wall times measured on an otherwise idle machine)."""
+    once (1: one at a time, for wall times measured on an otherwise idle machine); ``metrics`` adds
+    columns."""
     import ray
     from ray import tune
 
@@ -348,12 +377,12 @@ def run_compare(
             ),
         )
         tuner.fit()
-    results = _collect(cells, trials, tracker.tracking_uri)
-    table = table_markdown(results, name)
+    results = _collect(cells, trials, tracker.tracking_uri, metrics)
+    table = table_markdown(results, name, metrics)
     output = output or Path(f"compare-{name}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.md").write_text(table)
-    (output / "results.csv").write_text(results_csv(results))
+    (output / "results.csv").write_text(results_csv(results, metrics))
     plot_curves(results, output / "curves.png", name)
     for file in ("compare.md", "results.csv", "curves.png"):
         tracker.log_artifact(output / file)
@@ -417,6 +446,13 @@ def _parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="where to write the table and plot (default ./compare-NAME)"
     )
     parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="more columns: mean ± std of each run's last value of these metrics, e.g. test/top3_at_best_val",
+    )
+    parser.add_argument(
         "--max-concurrent",
         type=int,
         help="runs at once (default: what the cluster fits; 1 for clean timings)",
@@ -435,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             output=args.output,
             max_concurrent=args.max_concurrent,
+            metrics=args.metrics,
         )
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

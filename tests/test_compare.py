@@ -9,7 +9,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from rayoodkd.compare import CellResult, Entry, main, plan, plot_curves, run_compare, table_markdown
+from rayoodkd.compare import (
+    CellResult,
+    Entry,
+    _figures,
+    main,
+    plan,
+    plot_curves,
+    run_compare,
+    table_markdown,
+)
 from rayoodkd.config import ConfigError
 
 
@@ -33,6 +42,13 @@ def test_an_item_carries_its_own_overrides_and_a_bad_key_names_its_item() -> Non
         plan([Entry.parse("demo kd_ood.lrr=1")], [0], [], "cmp")
     with pytest.raises(ConfigError, match="given twice"):
         plan([Entry.parse("demo"), Entry.parse("demo")], [0], [], "cmp")
+
+
+def test_seed_in_an_override_is_each_cells_seed() -> None:
+    entry = Entry.parse("demo init_from.checkpoint=/runs/prefix-s{seed} init_from.stage=train")
+    cells = plan([entry], [0, 2], ["run_name=x-{seed}"], "cmp")
+    assert [c.config["init_from"]["checkpoint"] for c in cells] == ["/runs/prefix-s0", "/runs/prefix-s2"]
+    assert [c.config["run_name"] for c in cells] == ["x-0", "x-2"]
 
 
 def test_the_cli_refuses_bad_input_in_one_line_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +82,25 @@ def test_the_table_is_mean_and_sample_std_per_config_and_the_plot_has_bands(tmp_
     assert row_b.startswith("| b | 1/2 | 69.00 | 71.00 | 70.00 |")
     plot_curves(results, tmp_path / "curves.png", "t")
     assert Image.open(tmp_path / "curves.png").size == (900, 540)
+
+
+def test_more_metrics_are_columns_with_their_spread() -> None:
+    results = [_cell("a", 0, 90.0, []), _cell("a", 1, 92.0, [])]
+    results[0].metrics["select/precision"], results[1].metrics["select/precision"] = 0.25, 0.35
+    table = table_markdown(results, "t", ["select/precision"])
+    header = next(line for line in table.splitlines() if line.startswith("| config |"))
+    assert header.endswith("| img/s | select/precision |")
+    row = next(line for line in table.splitlines() if line.startswith("| a |"))
+    assert row.endswith("| 10.50 | 100.00 | 0.30 ± 0.07 |")
+
+
+def test_a_column_reads_a_metric_or_else_a_numeric_run_state_tag() -> None:
+    figures = _figures(
+        {"test/top1": 91.0},
+        {"teacher/test_top1": "97.5", "stage": "mixup"},
+        ["test/top1", "teacher/test_top1", "stage"],
+    )
+    assert figures == {"test/top1": 91.0, "teacher/test_top1": 97.5}
 
 
 @pytest.mark.ray
