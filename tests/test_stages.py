@@ -95,6 +95,15 @@ def test_a_run_killed_in_stage_two_resumes_there_and_ends_identical(tmp_path: Pa
     assert final_a["ranks"][0]["streams"]["labelled"] == {"epoch": 0, "consumed": 4}  # 8 batches per epoch
 
 
+def test_the_progress_line_of_a_new_stage_shows_no_best_before_its_first_evaluation(
+    tmp_path: Path, bn_teacher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tmp_path / "run", bn_teacher)
+    finetune = [line for line in capsys.readouterr().out.splitlines() if "finetune [2/2]" in line]
+    assert "step 1/4" in finetune[0] and "val " in finetune[0] and "(best" not in finetune[0]
+    assert "step 2/4" in finetune[1] and "(best " in finetune[1]  # evaluated at its step 2
+
+
 def test_the_selected_snapshot_of_stage_one_is_what_stage_two_starts_from(
     tmp_path: Path, bn_teacher: Path
 ) -> None:

@@ -341,8 +341,9 @@ class Worker:
         losses = sorted((k for k in metrics if k.startswith("loss/")), key=lambda k: first.get(k, 2))[:4]
         parts = [f"{where} {100 * fraction:3.0f}%"]
         parts += [f"{key.removeprefix('loss/')} {metrics[key]:.4g}" for key in losses]
-        if self.last_val is not None:
-            parts.append(f"val {self.last_val:.2f} (best {self.best_val:.2f} @{self.best_step})")
+        if self.last_val is not None:  # a new stage has no best of its own until its first evaluation
+            best = f" (best {self.best_val:.2f} @{self.best_step})" if self.best_step > 0 else ""
+            parts.append(f"val {self.last_val:.2f}{best}")
         if THROUGHPUT_KEY in metrics:
             parts.append(f"{metrics[THROUGHPUT_KEY]:,.0f} img/s")
         clock_time, clock_fraction = self.stage_clock
