@@ -212,6 +212,15 @@ class BaseRunConfig(Section):
     )
     use_gpu: bool = False
     amp: bool = False
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto", description="the autocast type with amp=true; auto: bfloat16 on CPU, float16 on CUDA"
+    )
+    channels_last: bool = Field(
+        False, description="teacher, players and image batches in channels-last memory format (NHWC)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the teacher and every player (false: eager, the fallback)"
+    )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     tracking_uri: str | None = None
     experiment_name: str = "rayoodkd"

@@ -17,6 +17,8 @@ from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import tensor_source
 from rayoodkd.methods import METHODS
 
+TINY_MOSAIC = {"mosaickd.nz": 8, "mosaickd.ngf": 4, "mosaickd.ndf": 4, "mosaickd.kd_steps": 1}
+
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -162,3 +164,23 @@ def test_step_metrics_are_averaged_on_the_device_and_images_are_summed() -> None
         {"loss/kd": 2.0, "loss/ce": 0.5, "images": 64.0, "lr/student": 0.1}
     )
     assert pending.flush() == {}
+
+
+@pytest.mark.parametrize("speedup", ["channels_last", "compile"])
+def test_channels_last_and_compile_train_like_the_eager_contiguous_run(
+    tmp_path: Path, tiny_teacher: Path, speedup: str
+) -> None:
+    """The same arithmetic up to float reassociation, the same state dict keys (a checkpoint of one loads
+    into the other)."""
+    plain = _session(tmp_path / "plain")
+    run_worker(_config(tiny_teacher, "mosaickd", **TINY_MOSAIC), plain)
+    fast = _session(tmp_path / "fast")
+    run_worker(_config(tiny_teacher, "mosaickd", **TINY_MOSAIC, **{speedup: "true"}), fast)
+    assert fast.reports[-1]["loss/kd"] == pytest.approx(plain.reports[-1]["loss/kd"], rel=1e-3)
+    players_plain = load_state(plain.checkpoints[-1])["players"]
+    players_fast = load_state(fast.checkpoints[-1])["players"]
+    assert players_fast.keys() == players_plain.keys()
+    for player, weights in players_plain.items():
+        assert players_fast[player].keys() == weights.keys()
+        for name, tensor in weights.items():
+            torch.testing.assert_close(players_fast[player][name], tensor, rtol=1e-3, atol=1e-4)

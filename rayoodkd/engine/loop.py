@@ -101,10 +101,11 @@ def run_context(
     rank: int = 0,
     world_size: int = 1,
 ) -> RunContext:
-    """What a method is told about where it runs (AMP: bf16 on CPU, fp16 on CUDA)."""
+    """What a method is told about where it runs (AMP: ``amp_dtype``; auto: bf16 on CPU, fp16 on CUDA)."""
     amp_dtype = None
     if cfg.amp:
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        auto = torch.float16 if device.type == "cuda" else torch.bfloat16
+        amp_dtype = auto if cfg.amp_dtype == "auto" else getattr(torch, cfg.amp_dtype)
     return RunContext(
         device=device,
         rank=rank,
@@ -118,7 +119,22 @@ def run_context(
         max_steps=cfg.max_steps,
         amp_dtype=amp_dtype,
         batch_size=cfg.data.batch_size,
+        memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
     )
+
+
+def prepare_modules(modules: list[nn.Module], cfg: BaseRunConfig) -> None:
+    """Channels-last weights and ``torch.compile``, in place: the parameters stay the same objects (optimizers
+    built on them keep working) and the state dict keeps its keys."""
+    seen: set[int] = set()
+    for module in modules:
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if cfg.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            module.compile()
 
 
 def build_method(cfg: BaseRunConfig, teacher: nn.Module, student: nn.Module, ctx: RunContext) -> Method:
@@ -157,6 +173,7 @@ class Worker:
         self.ctx.stream_rows = dict(session.stream_rows)
         student = build_student(self.cfg, self.teacher_info, self.device)
         self.method = build_method(self.cfg, self.teacher, student, self.ctx)
+        prepare_modules([self.teacher, *self.method.players().values()], self.cfg)
         if self.ctx.amp_dtype == torch.float16:
             self.ctx.scalers.update({name: torch.amp.GradScaler("cuda") for name in self.method.optimizers()})
         self.streams = DeviceStreams(

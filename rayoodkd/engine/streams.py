@@ -159,11 +159,14 @@ class DeviceStreams:
         return {"image": self._normalize(stream, unit), "unit": unit, "label": labels}
 
     def _normalize(self, stream: str, unit: Tensor) -> Tensor:
+        """The stream's normaliser applied, in the run's memory format (NHWC with ``channels_last``)."""
         normalizer = self.transforms[stream].normalizer
         if normalizer is None:
-            return self.ctx.normalize(unit)
-        mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in normalizer)
-        return (unit - mean) / std
+            normalized = self.ctx.normalize(unit)
+        else:
+            mean, std = (torch.tensor(v, device=unit.device).view(1, -1, 1, 1) for v in normalizer)
+            normalized = (unit - mean) / std
+        return normalized.contiguous(memory_format=self.ctx.memory_format)
 
     def scan(
         self, stream: str, batch_size: int = 512, row_ids: bool = False, augment: bool = False

@@ -147,6 +147,7 @@ class RunContext:
     stage_epoch: int = 0
     batch_size: int = 128
     stream_rows: dict[str, int] = field(default_factory=dict)
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in [0, 1] -> the teacher's input space."""
