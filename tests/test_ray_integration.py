@@ -17,6 +17,7 @@ from rayoodkd.data import builtin_arrays
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.evaluate import evaluate_checkpoint
 from rayoodkd.launch import launch
+from rayoodkd.models import build_classifier, build_discriminator, build_generator
 
 pytestmark = pytest.mark.ray
 
@@ -149,6 +150,18 @@ def test_two_worker_mosaickd_logs_sample_grids(tmp_path: Path, tiny_teacher: Pat
     assert set(grids) == {2, 4}
     grid = client.download_artifacts(run_id, grids[4], str(tmp_path))
     assert Image.open(grid).size[0] > 28  # a grid of generated images, not one image
+    # Per outer iteration DDP all-reduces D's and G's gradients once and S's once per KD step; S's and D's
+    # gradients from G's loss are never sent (no_sync).
+    players = {
+        "generator": build_generator("mosaickd", nz=8, ngf=4, image_size=28, channels=1),
+        "discriminator": build_discriminator(
+            "patch", channels=1, ndf=4, image_size=28, patch_size=8, stride=4
+        ),
+        "student": build_classifier("lenet5_half", num_classes=10, in_channels=1, image_size=28),
+    }
+    sizes = {name: sum(p.numel() for p in module.parameters()) for name, module in players.items()}
+    expected_mb = 4 * (sizes["generator"] + sizes["discriminator"] + sizes["student"]) / 1e6
+    assert float(run.data.tags["ddp/allreduce_mb_per_step"]) == pytest.approx(expected_mb, rel=1e-5)
 
 
 def test_two_worker_tadfkd_writes_the_summary(tmp_path: Path, bn_teacher: Path, ray_local) -> None:

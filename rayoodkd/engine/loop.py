@@ -47,6 +47,7 @@ BOOKKEEPING = frozenset({THROUGHPUT_KEY, "data/corrupt_skipped"})  # never under
 # Reported to Ray Train with every evaluation, but in MLflow these are the run's state, not curves: tags.
 RUN_STATE = (
     "ddp/replicas_identical",
+    "ddp/allreduce_mb_per_step",
     "student/changed_from_init",
     "best_val/step",
     "resumed_from_step",
@@ -210,6 +211,7 @@ class Worker:
         elif self.cfg.init_from is not None:
             self._start_from(self.cfg.init_from.checkpoint, self.cfg.init_from.stage)
         self.initial_student_hash = self._student_hash() if state is None else state["initial_student_hash"]
+        self.traffic_mark = (self.step, session.allreduce_bytes)  # (step, bytes) at the last report
         self.val = self._eval_set("val")
         self.test = self._eval_set("test")
         self.teacher_test_top1 = self.evaluate_on("test", self.teacher)["top1"]
@@ -419,6 +421,7 @@ class Worker:
             **({"stage": float(self.stage_index)} if len(self.stages) > 1 else {}),
             "teacher/test_top1": self.teacher_test_top1,
             "train_seconds": self.train_seconds,
+            **self._traffic(),
         }
         if final:
             report.update(self._final_metrics(student))
@@ -439,6 +442,14 @@ class Worker:
         else:
             self.session.report(report, None, self.step)
         return report
+
+    def _traffic(self) -> dict[str, float]:
+        """The gradient megabytes each rank all-reduced per step since the last report (none without DDP)."""
+        step, sent = self.traffic_mark
+        self.traffic_mark = (self.step, self.session.allreduce_bytes)
+        if self.world_size == 1 or self.step == step:
+            return {}
+        return {"ddp/allreduce_mb_per_step": (self.session.allreduce_bytes - sent) / (self.step - step) / 1e6}
 
     def _state_tags(self, report: dict[str, float]) -> dict[str, str]:
         tags = {key: f"{report[key]:g}" for key in RUN_STATE if key in report}
