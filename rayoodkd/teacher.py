@@ -43,6 +43,18 @@ if TYPE_CHECKING:
 
     from rayoodkd.teacher_io import TeacherInfo
 
+CHECKPOINT_API = ("TeacherInfo", "load_teacher", "read_teacher", "save_teacher")
+
+
+def __getattr__(name: str) -> Any:
+    """The teacher checkpoint API of ``rayoodkd.teacher_io`` is importable from here too (``from
+    rayoodkd.teacher import save_teacher``), loaded on first use so that ``--help`` imports no torch."""
+    if name in CHECKPOINT_API:
+        import rayoodkd.teacher_io
+
+        return getattr(rayoodkd.teacher_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def load_tensors(
     corpus: Corpus, image_size: int, channels: int, cache_dir: str | None = None, seed: int = 0

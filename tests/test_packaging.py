@@ -138,3 +138,11 @@ def test_each_command_reaches_its_module(
     seen: list[list[str]] = []
     monkeypatch.setattr(module, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main([name, "key=1", "--flag"]) == 7 and seen == [["key=1", "--flag"]]
+
+
+def test_the_teacher_checkpoint_api_is_importable_from_the_teacher_module() -> None:
+    import rayoodkd.teacher
+    import rayoodkd.teacher_io
+
+    for name in rayoodkd.teacher.CHECKPOINT_API:
+        assert getattr(rayoodkd.teacher, name) is getattr(rayoodkd.teacher_io, name)
