@@ -70,10 +70,11 @@ class CorpusConfig(BaseModel):
     bytes, or the raw pixel bytes of array sources) mapped to [0, 1) and cut at the cumulative fractions.
     So the split is the same on every run and machine, needs no shuffle (it streams over any number of rows),
     part sizes match the fractions up to sampling noise, and identical images (the same bytes) always land in
-    the same part: duplicates never leak across parts. (Builtin sets are cached as PNG files this machine's
-    Pillow encodes: their parts are the same on every machine whose Pillow writes the same bytes, which is
-    what the recorded results assume; hashing decoded pixels instead would move every recorded builtin
-    split.) The hash split reads the whole source: every image of
+    the same part: duplicates never leak across parts. (Builtin sets are cached as PNG files encoded by the
+    installed Pillow, whose bytes can change between Pillow releases (its zlib): their parts are those of
+    the recorded results, made with Pillow 13.0.0, wherever Pillow writes the same bytes. Hashing decoded
+    pixels instead would have moved every recorded builtin split.) The hash split reads the whole source:
+    every image of
     a builtin set (its "all" part; a generated set renders ``num_images`` first), and for cifar/idx the
     archive part ``archive_split`` (default "train"; allowed only under a hash split). ``num_images`` then
     caps the chosen part. Without ``split_fractions`` every key keeps the meaning above.
