@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 MARK = "[rayoodkd] "
@@ -64,3 +65,21 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+class Phases:
+    """Seconds spent in each named phase of a start-up, lap after lap (for the console and MLflow)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{name} {value:.1f}" for name, value in self.seconds.items())
+        return f"ready in {total:.1f} s: {parts}"

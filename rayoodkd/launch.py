@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
-from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
+from rayoodkd.console import Phases, quiet_python_loggers, show_only_marked_worker_lines
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
@@ -284,15 +284,18 @@ def launch(
     import ray
     import ray.data
 
-    started = time.perf_counter()
+    started, launched_at = time.perf_counter(), time.time()
+    phases = Phases()
     if not cfg.ray_logs:
         quiet_python_loggers()
     teacher_path, tracking_uri = preflight(cfg, log)
     _, info = read_teacher(teacher_path)
+    phases.lap("checks")
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
         if not cfg.ray_logs:
             show_only_marked_worker_lines()
+    phases.lap("ray")
     if not cfg.ray_logs:
         quiet_python_loggers()  # again: importing Ray Data configures its loggers
     context = ray.data.DataContext.get_current()
@@ -303,10 +306,12 @@ def launch(
     storage = ray_storage_path(cfg.storage_path)
     run_dir = f"{storage.rstrip('/')}/{run_name}"
     datasets, corrupt_images, stream_rows = _datasets(cfg, info)
+    phases.lap("data")
     tags = {"method": cfg.method, **(mlflow_tags or {})}
     tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, storage, tags)
+    phases.lap("mlflow")
     log(
-        f"run {run_name}: {'resuming' if previous_status else 'starting'}; "
+        f"run {run_name}: {'resuming' if previous_status else 'starting'} ({phases}); "
         f"MLflow run {tracker.run_id} at {tracker.page_url() or tracker.tracking_uri}"
     )
     if any(corrupt_images.values()):
@@ -320,6 +325,8 @@ def launch(
         "run_dir": run_dir,
         "stream_rows": stream_rows,
         "console_label": console_label,
+        "launched_at": launched_at,
+        "driver_phases": phases.seconds,
     }
     try:
         if cfg.num_workers == 0:

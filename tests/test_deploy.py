@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def _run(tmp_path: Path, teacher: Path, *overrides: str) -> tuple[LocalSession, 
         "teacher_path": str(teacher),
         "tracking_uri": uri,
         "mlflow_run_id": tracker.run_id,
+        "launched_at": time.time() - 3.0,  # as launch() passes them: the driver took 3 s
+        "driver_phases": {"checks": 1.0, "data": 2.0},
     }
     run_worker(loop_config, session)
     return session, tracker
@@ -109,11 +112,19 @@ def test_the_run_page_leads_with_accuracy_and_keeps_bookkeeping_as_tags(
     assert tags["best_val/step"] in {"4", "8"} and tags["stage"] == "train"
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
     assert tags["rayoodkd.students_logged_at"] == "8"
+    phases = ("checks", "data", "workers", "setup", "eval_sets", "teacher_test", "first_step")
+    assert float(tags["startup/total_s"]) == pytest.approx(
+        sum(float(tags[f"startup/{phase}_s"]) for phase in phases), abs=0.05
+    )
+    assert float(tags["startup/total_s"]) >= 3.0
 
 
 def test_a_progress_line_every_log_every_steps(tmp_path: Path, tiny_teacher: Path, capsys) -> None:
     _run(tmp_path, tiny_teacher)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    out = capsys.readouterr().out.splitlines()
+    startup = [line for line in out if line.startswith("first step ")]
+    assert len(startup) == 1 and "after launch: checks 1.0, data 2.0, workers " in startup[0]
+    lines = [line for line in out if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
     assert all("img/s" in line and "kd " in line for line in lines)
     assert "val " not in lines[0] and "val " in lines[1] and "(best " in lines[1]

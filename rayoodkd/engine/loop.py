@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rayoodkd.config import BaseRunConfig, build_config
-from rayoodkd.console import format_duration
+from rayoodkd.console import Phases, format_duration
 from rayoodkd.deploy import STUDENT, STUDENT_BEST_VAL, deployed, log_deployed
 from rayoodkd.engine.checkpoint import (
     ResumePoint,
@@ -162,6 +162,8 @@ class Worker:
     """One rank of a run: the method, its data streams, evaluation, checkpoints and logging."""
 
     def __init__(self, loop_config: dict[str, Any], session: Session) -> None:
+        self.startup = (loop_config.get("launched_at"), loop_config.get("driver_phases", {}), time.time())
+        self.phases = Phases()
         self.cfg: BaseRunConfig = build_config(loop_config["config"])
         self.session = session
         self.console_label = loop_config.get("console_label")
@@ -212,9 +214,12 @@ class Worker:
             self._start_from(self.cfg.init_from.checkpoint, self.cfg.init_from.stage)
         self.initial_student_hash = self._student_hash() if state is None else state["initial_student_hash"]
         self.traffic_mark = (self.step, session.allreduce_bytes)  # (step, bytes) at the last report
+        self.phases.lap("setup")
         self.val = self._eval_set("val")
         self.test = self._eval_set("test")
+        self.phases.lap("eval sets")
         self.teacher_test_top1 = self.evaluate_on("test", self.teacher)["top1"]
+        self.phases.lap("teacher test")
         self.fault_marker = f"{session.run_dir}/{FAULT_MARKER}"
         self.fired_faults = (read_json(self.fault_marker) or {}).get("fired", [])
         run_id = loop_config.get("mlflow_run_id")
@@ -443,6 +448,24 @@ class Worker:
             self.session.report(report, None, self.step)
         return report
 
+    def _report_startup(self) -> None:
+        """Where the time from the command to the end of this attempt's first step went (rank 0)."""
+        launched_at, driver, worker_started = self.startup
+        if self.rank != 0 or launched_at is None:
+            return
+        self.phases.lap("first step")
+        total = time.time() - launched_at
+        workers = worker_started - launched_at - sum(driver.values())
+        parts = [*(f"{k} {v:.1f}" for k, v in driver.items()), f"workers {workers:.1f}"]
+        parts += [f"{k} {v:.1f}" for k, v in self.phases.seconds.items()]
+        self.say(f"first step {total:.1f} s after launch: {', '.join(parts)}")
+        if self.tracker is not None:
+            phases = {**driver, "workers": workers, **self.phases.seconds}
+            self.tracker.set_tags(
+                {"startup/total_s": f"{total:.2f}"}
+                | {f"startup/{name.replace(' ', '_')}_s": f"{v:.2f}" for name, v in phases.items()}
+            )
+
     def _traffic(self) -> dict[str, float]:
         """The gradient megabytes each rank all-reduced per step since the last report (none without DDP)."""
         step, sent = self.traffic_mark
@@ -625,6 +648,8 @@ class Worker:
                 self._inject_faults()
                 started = time.perf_counter()
                 pending.add(self.method.train_step(self.streams))
+                if not trained:
+                    self._report_startup()
                 self.train_seconds += time.perf_counter() - started
                 self.epoch_train_seconds += time.perf_counter() - started
                 trained = True
