@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,10 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
     from rayoodkd.data import load_corpus
 
     consumes = METHODS.get(cfg.method).consumes
-    datasets, corrupt, rows_of = {}, {}, {}
+    loaded = {}
     for key, corpus in corpora(cfg).items():
-        name = key.removeprefix("data.")
         try:
-            dataset = load_corpus(
+            loaded[key] = load_corpus(
                 corpus,
                 image_size=info.image_size,
                 channels=info.channels,
@@ -117,11 +117,27 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
             )
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{key}.{error}") from None
+
+    def decode(key: str) -> tuple[Any, int, int]:
+        """The dataset (materialised when configured), its rows and its corrupt rows (counted only when
+        materialised or consumed: a streamed set's epoch is made of its intact rows)."""
+        dataset = loaded[key]
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
-            rows, corrupt[name] = _rows_and_corrupt(dataset)
-            intact = rows - corrupt[name]
+        elif key.removeprefix("data.") not in consumes:
+            return dataset, 0, 0
+        return (dataset, *_rows_and_corrupt(dataset))
+
+    # The corpora decode at the same time: each execution is mostly fixed overhead on small sets.
+    with ThreadPoolExecutor(max_workers=len(loaded) or 1) as pool:
+        decoded = dict(zip(loaded, pool.map(decode, loaded), strict=True))
+    datasets, corrupt, rows_of = {}, {}, {}
+    for key, (dataset, rows, skipped) in decoded.items():
+        name = key.removeprefix("data.")
+        intact = rows - skipped
+        if cfg.data.materialize:
+            corrupt[name] = skipped
             if intact == 0:
                 raise ConfigError(f"{key}: none of its {rows} images could be decoded (all corrupt)")
             needed = cfg.data.batch_size * max(cfg.num_workers, 1)
@@ -130,14 +146,9 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
                     f"{key}: {intact} intact images, fewer than one batch per worker (data.batch_size "
                     f"{cfg.data.batch_size} x {max(cfg.num_workers, 1)} workers); lower data.batch_size"
                 )
-            if corrupt[name]:
+            if skipped:
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
-            rows_of[name] = intact
-        elif name in consumes:
-            # The workers skip corrupt rows as they stream; an epoch is made of the intact ones (one decoding
-            # pass, as count() would make through the decoding map).
-            rows, skipped = _rows_and_corrupt(dataset)
-            rows_of[name] = rows - skipped
+        rows_of[name] = intact
         datasets[name] = dataset
     return datasets, corrupt, {name: rows_of[name] for name in consumes}
 
