@@ -63,6 +63,9 @@ class TeacherRecipe(Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     augment: AugmentMode = "crop"
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="smoothing of the training targets (a differently calibrated teacher)"
+    )
     mean: tuple[float, ...] | None = Field(
         None, description="fixed normaliser mean per channel (e.g. ImageNet's); None: the training set's"
     )

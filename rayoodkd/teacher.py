@@ -142,7 +142,9 @@ def train_teacher(
         for _ in range(steps_per_epoch):
             batch = source.next_batch()
             x = normalize(augment_batch(batch["image"], recipe.augment, generator))
-            loss = nn.functional.cross_entropy(model(x), batch["label"])
+            loss = nn.functional.cross_entropy(
+                model(x), batch["label"], label_smoothing=recipe.label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

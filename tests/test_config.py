@@ -107,3 +107,15 @@ def test_cli_print_config_and_help() -> None:
         [sys.executable, "-m", "rayoodkd.train", "--help"], capture_output=True, text=True, timeout=120
     )
     assert "presets: " in helped.stdout and "demo" in helped.stdout and "summary_json" in helped.stdout
+
+
+def test_a_teacher_recipe_key_names_only_what_differs_from_the_defaults() -> None:
+    """Cached teachers stay valid when the recipe gains an option (label smoothing), and a recipe that
+    sets it is another teacher."""
+    from rayoodkd.teacher import recipe_key
+
+    plain = resolve_config("mnist-dfq").teacher.recipe
+    explicit = resolve_config("mnist-dfq", ["teacher.recipe.label_smoothing=0.0"]).teacher.recipe
+    smoothed = resolve_config("mnist-dfq", ["teacher.recipe.label_smoothing=0.1"]).teacher.recipe
+    assert recipe_key(plain) == recipe_key(explicit) == "3f737e989d3107db"
+    assert recipe_key(smoothed) != recipe_key(plain)
