@@ -36,8 +36,17 @@ METHODS = ("mnist-dfq", "mnist-tadfkd", "mnist-dfad", "mnist-deepinv")
 
 def train_panel() -> None:
     """Every panel teacher trained once (cached) and its test top-1."""
+    import ray
+    import ray.data
+
+    from rayoodkd.console import quiet_python_loggers
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.teacher_io import read_teacher
+
+    ray.init(configure_logging=False, log_to_driver=False)
+    quiet_python_loggers()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
 
     print("| teacher | role | MNIST-5k test top-1 | checkpoint |\n|---|---|---|---|")
     for name, (overrides, role) in PANEL.items():
