@@ -5,8 +5,9 @@
 
 The panel varies what TA-DFKD's teacher-agnostic claim is about: the architecture (LeNet-5 with BN, two
 small conv nets, a CIFAR-style ResNet-8) and the training recipe (another seed, label smoothing 0.1,
-three times the epochs), every teacher trained by ``python -m rayoodkd.teacher``'s recipe and cached by
-content, so the panel is this one command on any machine. Presets are used as shipped for every teacher
+three times the epochs; the narrow ``cnn_tiny`` reaches 93.8 % at 15 epochs, so it is in the panel with
+45), every teacher trained by ``python -m rayoodkd.teacher``'s recipe and cached by content, so the panel
+is this one command on any machine. Presets are used as shipped for every teacher
 (``mnist-dfq``, ``mnist-tadfkd``, ``mnist-dfad``, ``mnist-deepinv``); the teachers marked ``tuning`` are
 the ones preset settings may be tuned on, the others are held out. ``--train`` prints every teacher's
 MNIST-5k test top-1 (each must be ≥ 94 %).
@@ -28,7 +29,7 @@ PANEL = {
     "lenet5_bn-seed1": ("teacher.recipe.seed=1", "held out"),
     "lenet5_bn-smooth": ("teacher.recipe.label_smoothing=0.1", "held out"),
     "lenet5_bn-long": ("teacher.recipe.epochs=45", "held out"),
-    "cnn_tiny": ("teacher.recipe.arch=cnn_tiny", "held out"),
+    "cnn_tiny-long": ("teacher.recipe.arch=cnn_tiny teacher.recipe.epochs=45", "held out"),
     "resnet8": ("teacher.recipe.arch=resnet8", "held out"),
 }
 METHODS = ("mnist-dfq", "mnist-tadfkd", "mnist-dfad", "mnist-deepinv")
