@@ -215,7 +215,7 @@ class MosaicKD(Method):
         return schedulers
 
     def samples(self) -> Tensor | None:
-        return self._samples
+        return None if self._samples is None else self._samples.float().cpu()
 
     def facts(self) -> dict[str, float | int | str]:
         if self.discriminator is None:
@@ -253,7 +253,7 @@ class MosaicKD(Method):
         real = data.next("ood", augment=False)["image"]
         batch = cfg.synthetic_batch_size or len(real)
         unit, images = self._synthesize(batch)
-        self._samples = unit.detach()[:_MAX_SAMPLES].float().cpu()
+        self._samples = unit.detach()[:_MAX_SAMPLES]  # copied to the host only when a grid is logged
 
         # Patch discrimination (Eqn. 3, D's side): fake patches -> 0, real OOD patches -> 1.
         if self.discriminator is not None:
