@@ -184,8 +184,11 @@ def _figures(metrics: dict[str, float], tags: dict[str, str], keys: Sequence[str
     for key in keys:
         if key in metrics:
             figures[key] = metrics[key]
-        elif re.fullmatch(r"-?\d+(\.\d*)?(e-?\d+)?", tags.get(key, "")):
-            figures[key] = float(tags[key])
+        elif key in tags:
+            try:
+                figures[key] = float(tags[key])  # run-state tags are written with :g (1.5e+06 too)
+            except ValueError:
+                continue
     return figures
 
 

@@ -97,10 +97,10 @@ def test_more_metrics_are_columns_with_their_spread() -> None:
 def test_a_column_reads_a_metric_or_else_a_numeric_run_state_tag() -> None:
     figures = _figures(
         {"test/top1": 91.0},
-        {"teacher/test_top1": "97.5", "stage": "mixup"},
-        ["test/top1", "teacher/test_top1", "stage"],
+        {"teacher/test_top1": "97.5", "train_seconds": "1.5e+06", "stage": "mixup"},
+        ["test/top1", "teacher/test_top1", "train_seconds", "stage"],
     )
-    assert figures == {"test/top1": 91.0, "teacher/test_top1": 97.5}
+    assert figures == {"test/top1": 91.0, "teacher/test_top1": 97.5, "train_seconds": 1.5e6}
 
 
 @pytest.mark.ray

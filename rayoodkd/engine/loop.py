@@ -648,10 +648,10 @@ class Worker:
                 self._inject_faults()
                 started = time.perf_counter()
                 pending.add(self.method.train_step(self.streams))
-                if not trained:
-                    self._report_startup()
                 self.train_seconds += time.perf_counter() - started
                 self.epoch_train_seconds += time.perf_counter() - started
+                if not trained:  # after the step's timing: the report writes to MLflow
+                    self._report_startup()
                 trained = True
                 epoch_end = by_epoch and self.epoch_step == self.epoch_steps
                 if epoch_end:
