@@ -160,6 +160,13 @@ class EvalConfig(Section):
 
     every: int = Field(250, ge=1, description="steps between evaluations, reports and checkpoints")
     batch_size: int = Field(512, ge=1)
+    cache_mb: float = Field(
+        2048,
+        ge=0,
+        description="each worker keeps its share of data.val and data.test in memory (normalised float32, "
+        "on its device) when every worker's share fits in this many MB; otherwise the split is streamed "
+        "through Ray Data at every evaluation, still split across the workers (0: always stream)",
+    )
     topk: tuple[int, ...] = Field(
         (1, 5), description="accuracies reported as val/top{k} and test/top{k} (top1 always; AuG-KD: 1, 3, 5)"
     )

@@ -236,6 +236,7 @@ def _train_on_workers(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayoodkd.engine.ingest import RunDataConfig
     from rayoodkd.engine.loop import train_loop_per_worker
 
     resources = {"CPU": cfg.resources.cpus_per_worker}
@@ -256,7 +257,10 @@ def _train_on_workers(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=sorted(METHODS.get(cfg.method).consumes)),
+        dataset_config=RunDataConfig(
+            streams=sorted(METHODS.get(cfg.method).consumes),
+            eval_splits=[name for name in ("val", "test") if name in datasets],
+        ),
     )
     result = trainer.fit()
     return result.metrics, result.checkpoint.path if result.checkpoint else ""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from rayoodkd.augment import augment_batch
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
-from rayoodkd.engine.evaluation import evaluate
+from rayoodkd.engine.evaluation import EvalSet, evaluate, score
 from rayoodkd.engine.loop import InjectedFailure, run_worker
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import LocalSession
@@ -109,15 +112,81 @@ def test_every_method_is_registered_with_a_config() -> None:
 
 
 def test_evaluate_counts_exactly() -> None:
-    class Fixed(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long(), 10).float()
-
+    Fixed = FirstPixel
     images = torch.arange(10).float().view(10, 1, 1, 1).expand(10, 1, 2, 2).clone()
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0])
     result = evaluate(Fixed(), images, labels, teacher=Fixed(), batch_size=3)
     assert result["top1"] == pytest.approx(80.0)
     assert result["agreement"] == pytest.approx(100.0)
+
+
+class FirstPixel(torch.nn.Module):
+    """Predicts the class written in an image's first pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long(), 10).float()
+
+
+def _digit_share(rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose first pixel is (row % 10); labels right except for every row divisible by 3."""
+    images = torch.tensor([float(r % 10) for r in rows]).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+    labels = torch.tensor([(r % 10) if r % 3 else (r + 1) % 10 for r in rows])
+    return images, labels
+
+
+class CountingReader:
+    """A rank's share read in batches of 4, counting the passes (each is a Ray Data read when streamed)."""
+
+    def __init__(self, rows: range) -> None:
+        self.images, self.labels = _digit_share(rows)
+        self.passes = 0
+
+    def __call__(self):
+        self.passes += 1
+        return zip(self.images.split(4), self.labels.split(4), strict=True)
+
+
+def _prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return images.float(), labels
+
+
+def test_an_eval_set_keeps_a_share_that_fits_and_streams_one_that_does_not() -> None:
+    expected = evaluate(FirstPixel(), *_digit_share(range(30)))
+    share_bytes = 30 * 4 * 4  # float32, 1 x 2 x 2 per image
+    for cache_bytes, streamed in ((share_bytes, False), (share_bytes - 1, True)):
+        reader = CountingReader(range(30))
+        val = EvalSet(reader, _prepare, cache_bytes=cache_bytes, device=torch.device("cpu"))
+        assert val.streamed is streamed and val.rows == 30
+        assert torch.equal(val.example, reader.images[:2])
+        for _ in range(3):
+            assert score(FirstPixel(), val, device=torch.device("cpu")) == expected
+        assert reader.passes == (4 if streamed else 1)  # the first pass decides, then one per evaluation
+        first_pixel_mean = val.mean(lambda images, _: images[:, 0, 0, 0])
+        assert first_pixel_mean == pytest.approx(sum(r % 10 for r in range(30)) / 30)
+
+
+def _two_rank_eval(rank: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    rows = range(0, 20) if rank == 0 else range(20, 50)  # uneven, as streaming_split(equal=False) may give
+    reader = CountingReader(rows)
+    share_bytes = 20 * 4 * 4  # rank 0's share fits, rank 1's does not: both must stream
+    val = EvalSet(reader, _prepare, cache_bytes=share_bytes, device=torch.device("cpu"), world_size=2)
+    figures = score(FirstPixel(), val, device=torch.device("cpu"), world_size=2)
+    results[rank] = (val.streamed, val.rows, figures, val.mean(lambda images, _: images[:, 0, 0, 0]))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_agree_to_stream_and_sum_their_shares_exactly() -> None:
+    expected = evaluate(FirstPixel(), *_digit_share(range(50)))
+    init_file = Path(tempfile.mkdtemp()) / "init"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_eval, args=(str(init_file), results), nprocs=2)
+        for rank in (0, 1):
+            streamed, rows, figures, mean = results[rank]
+            assert streamed and rows == 50
+            assert figures == expected
+            assert mean == pytest.approx(sum(r % 10 for r in range(50)) / 50)
 
 
 def test_tensor_source_reshuffles_per_epoch_and_resumes_mid_epoch() -> None:

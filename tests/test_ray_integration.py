@@ -52,7 +52,9 @@ def _letter_folder(root: Path, corrupt: int) -> Path:
 
 def test_two_worker_ddp_run_logs_to_mlflow(tmp_path: Path, tiny_teacher: Path, ray_local) -> None:
     folder = _letter_folder(tmp_path / "ood", corrupt=3)
-    summary = launch(_tiny(tmp_path, tiny_teacher, run_name="ddp", **{"data.ood.source": folder}))
+    # val and test streamed through Ray Data at every evaluation, each worker scoring its share
+    overrides = {"data.ood.source": folder, "eval.cache_mb": 0}
+    summary = launch(_tiny(tmp_path, tiny_teacher, run_name="ddp", **overrides))
     assert summary.corrupt_skipped == 3
     written = json.loads((tmp_path / "summary.json").read_text())
     for key in (
@@ -79,6 +81,8 @@ def test_two_worker_ddp_run_logs_to_mlflow(tmp_path: Path, tiny_teacher: Path, r
     assert [m.step for m in client.get_metric_history(summary.mlflow_run_id, "val/top1")] == [4, 8, 12]
     assert len(client.get_metric_history(summary.mlflow_run_id, "loss/kd")) == 6
     assert run.data.params["method"] == "kd_ood"
+    assert run.data.params["derived.eval.streamed"] == "val,test"
+    assert run.data.params["derived.eval.test_rows"] == "1000"
     artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
     assert {"summary.json", "summary.txt", "checkpoint"} <= artifacts
 

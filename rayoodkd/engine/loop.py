@@ -31,7 +31,7 @@ from rayoodkd.engine.checkpoint import (
     stage_start,
     state_dict_hash,
 )
-from rayoodkd.engine.evaluation import evaluate
+from rayoodkd.engine.evaluation import EvalSet, score
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
@@ -228,17 +228,31 @@ class Worker:
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0
         if self.tracker is not None:
-            facts = self.method.facts()
-            if facts:
-                self.tracker.log_params({f"derived.{key}": value for key, value in facts.items()})
+            facts = self.method.facts() | {
+                "eval.val_rows": self.val.rows,
+                "eval.test_rows": self.test.rows,
+                "eval.streamed": ",".join(
+                    n for n, s in (("val", self.val), ("test", self.test)) if s.streamed
+                )
+                or "none",
+            }
+            self.tracker.log_params({f"derived.{key}": value for key, value in facts.items()})
             self.logged_through = self.tracker.last_logged_step(THROUGHPUT_KEY)
             self.evaluated_through = self.tracker.last_logged_step("val/top1")
             if point.skipped:
                 self.tracker.set_tags({"resume.skipped_checkpoints": "; ".join(d for d, _ in point.skipped)})
 
-    def _eval_set(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.session.eval_set(name)
-        return self.ctx.normalize(images.to(self.device, torch.float32)), labels.to(self.device)
+    def _eval_set(self, name: str) -> EvalSet:
+        def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.ctx.normalize(images.to(self.device, torch.float32)), labels.to(self.device)
+
+        return EvalSet(
+            self.session.eval_share(name, self.cfg.eval.batch_size),
+            prepare,
+            cache_bytes=self.cfg.eval.cache_mb * 2**20,
+            device=self.device,
+            world_size=self.world_size,
+        )
 
     def _restore(self, state: dict[str, Any]) -> None:
         for name, player in self.method.players().items():
@@ -385,15 +399,11 @@ class Worker:
         return {key if key in BOOKKEEPING else f"{prefix}/{key}": value for key, value in metrics.items()}
 
     def evaluate_on(self, name: str, model: nn.Module) -> dict[str, float]:
-        images, labels = self.val if name == "val" else self.test
-        return evaluate(
+        return score(
             model,
-            images,
-            labels,
-            teacher=self.teacher,
-            batch_size=self.cfg.eval.batch_size,
+            self.val if name == "val" else self.test,
             device=self.device,
-            rank=self.rank,
+            teacher=self.teacher,
             world_size=self.world_size,
             topk=self.cfg.eval.topk,
         )
@@ -408,7 +418,7 @@ class Worker:
         val = self.evaluate_on("val", student)
         self.last_val = val["top1"]
         if type(self.method).validate is not Method.validate:
-            val.update(_broadcast(self.method.validate(*self.val), self.world_size))
+            val.update(_broadcast(self.method.validate(self.val), self.world_size))
         if val["top1"] > self.best_val:
             self.best_val, self.best_step = val["top1"], self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
@@ -545,9 +555,13 @@ class Worker:
         if tracker is None or tracker.tags().get("rayoodkd.students_logged_at") == str(self.step):
             return
         student = self.method.deployable_student()
-        mean = torch.tensor(self.teacher_info.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.teacher_info.std, device=self.device).view(1, -1, 1, 1)
-        example = (self.val[0][:2] * std + mean).clamp(0, 1)
+        info = self.teacher_info
+        mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
+        normalised = self.val.example
+        if normalised is None:  # this rank's share of the val split is empty
+            normalised = torch.zeros(1, info.channels, info.image_size, info.image_size, device=self.device)
+        example = (normalised * std + mean).clamp(0, 1)
         test_at_best = report.get("test/top1_at_best_val", report["test/top1"])
         choices = {
             STUDENT: (student, {"selected": "final", "step": self.step, "test_top1": report["test/top1"]}),

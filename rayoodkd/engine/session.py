@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ from rayoodkd.engine.checkpoint import (
     load_state,
     newest_intact,
 )
+from rayoodkd.engine.evaluation import Batches
 from rayoodkd.engine.streams import BatchSource, ray_shard_source, tensor_source
 from rayoodkd.methods.base import PlayerOptions
 from rayoodkd.storage import filesystem, is_remote
@@ -51,7 +52,9 @@ class Session(Protocol):
 
     def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]: ...
 
-    def eval_set(self, name: str) -> tuple[Tensor, Tensor]: ...
+    def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
+        """Reads this rank's share of split ``name`` (intact rows: raw images, labels) at every call."""
+        ...
 
     def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module: ...
 
@@ -77,13 +80,10 @@ def _counted_allreduce(session: RaySession, bucket):
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def _collect(shard: Any) -> tuple[Tensor, Tensor]:
-    images, labels = [], []
-    for batch in shard.iter_torch_batches(batch_size=1024):
+def _intact_batches(shard: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in shard.iter_torch_batches(batch_size=batch_size):
         keep = ~batch["corrupt"].bool()
-        images.append(batch["image"][keep])
-        labels.append(batch["label"][keep])
-    return torch.cat(images), torch.cat(labels).long()
+        yield batch["image"][keep], batch["label"][keep].long()
 
 
 class RaySession:
@@ -111,10 +111,11 @@ class RaySession:
         shards = {name: ray.train.get_dataset_shard(name) for name in names}
         return _shard_sources(shards, data, seed, self.rank)
 
-    def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
+    def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
         import ray.train
 
-        return _collect(ray.train.get_dataset_shard(name))
+        shard = ray.train.get_dataset_shard(name)  # split across the workers, no row dropped (launch)
+        return lambda: _intact_batches(shard, batch_size)
 
     def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         import ray.train.torch
@@ -169,8 +170,9 @@ class DriverSession:
     def sources(self, names: frozenset[str], data: DataConfig, seed: int) -> dict[str, BatchSource]:
         return _shard_sources({name: self.datasets[name].iterator() for name in names}, data, seed, 0)
 
-    def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
-        return _collect(self.datasets[name].iterator())
+    def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
+        iterator = self.datasets[name].iterator()
+        return lambda: _intact_batches(iterator, batch_size)
 
     def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         return module.to(self.device)
@@ -262,8 +264,9 @@ class LocalSession:
             name: tensor_source(*self.streams[name], data.batch_size, seed * 1009) for name in sorted(names)
         }
 
-    def eval_set(self, name: str) -> tuple[Tensor, Tensor]:
-        return self.eval_sets[name]
+    def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
+        images, labels = self.eval_sets[name]
+        return lambda: zip(images.split(batch_size), labels.split(batch_size), strict=True)
 
     def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         return module.to(self.device)

@@ -49,7 +49,7 @@ from the student's initial weights instead of stage 1's.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,9 @@ from torch import Tensor, nn
 
 from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Stage, Streams, kd_loss, unwrap
 from rayoodkd.methods.losses import BNStatistics, balance_loss, onehot_loss, require_batchnorm
+
+if TYPE_CHECKING:
+    from rayoodkd.engine.evaluation import EvalSet
 from rayoodkd.methods.optim import OptimizerConfig, adam
 from rayoodkd.methods.registry import METHODS
 from rayoodkd.models import build_generator
@@ -426,7 +429,7 @@ class AugKD(Method):
         return self.mixup_step(data)
 
     @torch.no_grad()
-    def validate(self, images: Tensor, labels: Tensor) -> dict[str, float]:
+    def validate(self, val: EvalSet) -> dict[str, float]:
         """Stage 1: G and E losses on a fixed pool of latents; stage 2: L_A on the validation split, whose
         images reach E in [0, 1] as in training (the official selection normalises them, spec §3.5.2)."""
         pool = torch.Generator(device=self.ctx.device).manual_seed(0)
@@ -437,9 +440,13 @@ class AugKD(Method):
             if self.ctx.stage == "datafree":
                 return self._validate_datafree(pool)
             if self.ctx.stage == "anchor":
-                unit = self.ctx.denormalize(images).clamp(0, 1)
-                per_sample, _ = self.anchor_loss(unit, labels, unwrap(self.anchor), pool)
-                return {"anchor_loss": per_sample.mean().item()}
+                anchor = unwrap(self.anchor)
+
+                def anchor_loss(images: Tensor, labels: Tensor) -> Tensor:
+                    unit = self.ctx.denormalize(images).clamp(0, 1)
+                    return self.anchor_loss(unit, labels, anchor, pool)[0]
+
+                return {"anchor_loss": val.mean(anchor_loss)}
             return {}
         finally:
             for name, player in self.players().items():

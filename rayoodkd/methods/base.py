@@ -14,12 +14,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 from torch.distributed import ReduceOp
+
+if TYPE_CHECKING:
+    from rayoodkd.engine.evaluation import EvalSet
 
 Metrics = dict[str, Tensor | float]
 """What a step returns: scalar metrics by name, as detached 0-d tensors or plain numbers."""
@@ -275,12 +278,13 @@ class Method(ABC):
         Return losses as detached 0-d tensors (``loss.detach()``), not ``loss.item()``: the engine sums them
         where they live and reads them once per log, so a step never waits for the device."""
 
-    def validate(self, images: Tensor, labels: Tensor) -> dict[str, float]:
-        """Method-specific figures on the whole ``data.val`` split (normalised like the teacher's input),
-        logged as ``val/<name>`` at every evaluation and selectable by a stage (AuG-KD selects its generator
-        and its AnchorNet on them). Every rank calls it with the same data and rank 0's figures are used, so
-        it must run the same forwards on every rank, on unwrapped players (:func:`unwrap`), with its own
-        fixed-seed noise. Default: none."""
+    def validate(self, val: EvalSet) -> dict[str, float]:
+        """Method-specific figures, logged as ``val/<name>`` at every evaluation and selectable by a stage
+        (AuG-KD selects its generator and its AnchorNet on them). ``val`` is this rank's share of the
+        ``data.val`` split (batches normalised like the teacher's input); ``val.mean(per_sample)`` is a mean
+        over the whole split. Every rank calls it and rank 0's figures are used, so it must run the same
+        collectives on every rank, on unwrapped players (:func:`unwrap`), with its own fixed-seed noise.
+        Default: none."""
         return {}
 
     def extra_state(self) -> dict[str, Any]:
