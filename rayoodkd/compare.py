@@ -297,7 +297,7 @@ def run_compare(
     import ray
     from ray import tune
 
-    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
+    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.tune import trials_that_fit
@@ -379,7 +379,8 @@ def run_compare(
                 callbacks=[_progress_callback(cells, log)],
             ),
         )
-        tuner.fit()
+        with silent_tune():
+            tuner.fit()
     results = _collect(cells, trials, tracker.tracking_uri, metrics)
     table = table_markdown(results, name, metrics)
     output = output or Path(f"compare-{name}")

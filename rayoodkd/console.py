@@ -10,8 +10,11 @@ session directory (``/tmp/ray/session_latest/logs``) either way.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 MARK = "[rayoodkd] "
@@ -53,6 +56,22 @@ def show_only_marked_worker_lines() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", marked_only)
     return True
+
+
+@contextmanager
+def silent_tune() -> Iterator[None]:
+    """Ray Tune without its own console output at ``verbose=0``: its new output engine prints an experiment
+    header, the results path and a TensorBoard hint even then; its legacy reporter (``RAY_AIR_NEW_OUTPUT=0``,
+    read when a Tuner fits) prints nothing."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def format_duration(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""The bench scripts that tests can afford: bench/gpu.py at a tiny size on CPU."""
+"""The bench scripts that tests can afford: bench/gpu.py at a tiny size on CPU, bench/ingest.py's corpora."""
 
 from __future__ import annotations
 
@@ -23,3 +23,23 @@ def test_the_gpu_bench_times_paper_scale_presets_at_a_tiny_size_on_cpu(tmp_path:
     rows = re.findall(r"^\| (\S+) \| fp32 \| 4 \| ([0-9.]+) \| ([0-9,]+) \|$", result.stdout, re.MULTILINE)
     assert [row[0] for row in rows] == presets
     assert all(float(seconds) > 0 and int(rate.replace(",", "")) > 0 for _, seconds, rate in rows)
+
+
+def test_the_ingest_bench_writes_the_same_cifar_shaped_pngs_to_a_folder_and_parquet(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import ingest
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    folder, parquet = ingest.write_corpora(tmp_path, 12)
+    files = sorted(folder.iterdir())
+    rows = pq.read_table(parquet).column("image").to_pylist()
+    assert [f.read_bytes() for f in files] == rows and len(rows) == 12
+    images = [Image.open(io.BytesIO(data)) for data in rows]
+    assert {(image.size, image.mode) for image in images} == {((32, 32), "RGB")}
+    assert len({image.tobytes() for image in images}) == 12  # crops of different places and scales

@@ -105,7 +105,7 @@ def test_a_column_reads_a_metric_or_else_a_numeric_run_state_tag() -> None:
 
 @pytest.mark.ray
 def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
-    tmp_path: Path, tiny_teacher: Path, ray_local
+    tmp_path: Path, tiny_teacher: Path, ray_local, capsys: pytest.CaptureFixture[str]
 ) -> None:
     overrides = [
         f"teacher.checkpoint={tiny_teacher}",
@@ -126,6 +126,9 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
         ("demo kd_ood.optim.student.lr=0.001", 1, "FINISHED"),
     ]
     assert all([step for step, _ in r.curve] == [2, 4] for r in result.results)
+    console = capsys.readouterr().out
+    assert "compare cmp: 4 runs" in console and "| demo | 2/2 |" in console
+    assert "View detailed results" not in console and "Configuration for experiment" not in console  # Tune's
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
     assert len(rows) == 4 and all(float(row["test/top1"]) >= 0 for row in rows)
     assert "| demo | 2/2 |" in (tmp_path / "out" / "compare.md").read_text()
