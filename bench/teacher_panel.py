@@ -2,6 +2,7 @@
 
     python bench/teacher_panel.py --train                 # train (or find cached) every panel teacher
     python bench/teacher_panel.py --seeds 0 1             # DFQ, TA-DFKD, DFAD, DeepInversion × teachers
+    python bench/teacher_panel.py --seeds 0 1 --methods mnist-tadfkd --storage S   # one method (resumable)
 
 The panel varies what TA-DFKD's teacher-agnostic claim is about: the architecture (LeNet-5 with BN, two
 small conv nets, a CIFAR-style ResNet-8) and the training recipe (another seed, label smoothing 0.1,
@@ -33,6 +34,10 @@ PANEL = {
     "resnet8": ("teacher.recipe.arch=resnet8", "held out"),
 }
 METHODS = ("mnist-dfq", "mnist-tadfkd", "mnist-dfad", "mnist-deepinv")
+# Besides accuracy: the teacher's own score, and agreement with the teacher on real digits (val) next to
+# agreement on what the student trained on (DFQ's synthetic batches), to tell a generator that misses the
+# real digits from a student that cannot follow the teacher.
+METRICS = ("teacher/test_top1", "val/agreement", "train/agreement")
 
 
 def train_panel() -> None:
@@ -73,19 +78,17 @@ def main() -> None:
         train_panel()
         return
     storage = args.storage or Path(tempfile.mkdtemp(prefix="teacher-panel-"))
-    entries = [
-        Entry.parse(f"{method} {PANEL[teacher][0]}".strip())
-        for method in args.methods
-        for teacher in args.teachers
-    ]
-    run_compare(
-        entries,
-        args.seeds,
-        [f"storage_path={storage / 'runs'}", *args.overrides],
-        output=storage / "compare",
-        max_concurrent=args.max_concurrent,
-        metrics=("teacher/test_top1",),
-    )
+    for method in args.methods:  # one comparison per method: several methods can run side by side
+        entries = [Entry.parse(f"{method} {PANEL[teacher][0]}".strip()) for teacher in args.teachers]
+        run_compare(
+            entries,
+            args.seeds,
+            [f"storage_path={storage / 'runs'}", *args.overrides],
+            name=f"teacher-panel-{method}",
+            output=storage / f"compare-{method}",
+            max_concurrent=args.max_concurrent,
+            metrics=METRICS,
+        )
 
 
 if __name__ == "__main__":

@@ -391,18 +391,26 @@ def run_compare(
     for file in ("compare.md", "results.csv", "curves.png"):
         tracker.log_artifact(output / file)
     tracker.log_metrics(
-        _aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
+        aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
     )
-    tracker.terminate("FINISHED" if all(r.status == "FINISHED" for r in results) else "FAILED")
+    unfinished = sum(r.status != "FINISHED" for r in results)
+    tracker.terminate("FAILED" if unfinished else "FINISHED")
     log(table)
     log(f"compare {name}: table, CSV and curves in {output}")
+    if unfinished:
+        log(f"compare {name}: {unfinished} runs unfinished: run the same command again to resume them")
     return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri)
 
 
-def _aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
+def aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
+    """Per config, the mean test top-1 at best val over its finished runs (an interrupted run has none)."""
     metrics = {}
     for label in dict.fromkeys(r.label for r in results):
-        values = [r.metrics["test/top1_at_best_val"] for r in results if r.label == label and r.metrics]
+        values = [
+            r.metrics["test/top1_at_best_val"]
+            for r in results
+            if r.label == label and r.status == "FINISHED" and "test/top1_at_best_val" in r.metrics
+        ]
         if values:
             metrics[f"{_slug(label)}/test_top1_at_best_val_mean"] = statistics.fmean(values)
     return metrics

@@ -13,6 +13,7 @@ from rayoodkd.compare import (
     CellResult,
     Entry,
     _figures,
+    aggregate_metrics,
     main,
     plan,
     plot_curves,
@@ -82,6 +83,15 @@ def test_the_table_is_mean_and_sample_std_per_config_and_the_plot_has_bands(tmp_
     assert row_b.startswith("| b | 1/2 | 69.00 | 71.00 | 70.00 |")
     plot_curves(results, tmp_path / "curves.png", "t")
     assert Image.open(tmp_path / "curves.png").size == (900, 540)
+
+
+def test_an_interrupted_run_counts_in_no_mean() -> None:
+    interrupted = CellResult("a", 2, "a-2", "id", "KILLED", {"val/top1": 10.0, "test/top1_at_best_val": 5.0})
+    results = [_cell("a", 0, 90.0, []), _cell("a", 1, 92.0, []), interrupted]
+    results.append(CellResult("b", 0, "b-0", "", "KILLED"))
+    results.append(CellResult("b", 1, "b-1", "id", "RUNNING", {"val/top1": 10.0}))
+    assert aggregate_metrics(results) == {"a/test_top1_at_best_val_mean": 91.0}
+    assert "| a | 2/3 | 90.00 ± 1.41 | 92.00 ± 1.41 | 91.00 ± 1.41 |" in table_markdown(results, "t")
 
 
 def test_more_metrics_are_columns_with_their_spread() -> None:
