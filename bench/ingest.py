@@ -15,7 +15,7 @@ stream reads it. Per corpus, in images/s over one whole pass:
 - ``+augment``: the same with the stream's augmentation (``augment_batch``, one thread, on the CPU, where a
   CPU worker runs it; on a GPU it runs on the device);
 - ``materialised``: a pass over the decoded dataset in the object store (every epoch but the first with the
-  default ``data.materialize=true``).
+  default ``data.materialize=true``), and the object store memory it takes.
 
 Consumption: images/s of one KD step (frozen teacher forward, student forward and backward, SGD step) with
 one thread, as one CPU worker of this machine runs it: the demo's LeNet-5 -> LeNet-5-half at batch 128 and
@@ -118,6 +118,7 @@ def ingest_rates(corpus: CorpusConfig, image_size: int, channels: int, augment: 
     rows, seconds = _pass(lazy, augment=augment, **options)
     rates["+augment"] = rows / seconds
     materialised = lazy.materialize()
+    rates["object store MB"] = materialised.size_bytes() / 2**20
     rows, seconds = _pass(materialised, augment=None, **options)
     rates["materialised"] = rows / seconds
     return rates
@@ -199,15 +200,17 @@ def main() -> None:
     ]
     print(f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.2f}")
     print(
-        "| corpus | images | read+decode img/s | +augment img/s | materialised img/s "
-        "| student consumes img/s (1 thread) | ratio (+augment / consumes) |\n|---|---|---|---|---|---|---|"
+        "| corpus | images | read+decode img/s | +augment img/s | materialised img/s | object store MB "
+        "| student consumes img/s (1 thread) | ratio (+augment / consumes) |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     for label, corpus, size, channels, augment, pair in corpora:
         rates = ingest_rates(corpus, size, channels, augment, cache)
         eaten = consumes[pair]
         print(
             f"| {label} | {rates['images']} | {rates['read+decode']:,.0f} | {rates['+augment']:,.0f} | "
-            f"{rates['materialised']:,.0f} | {eaten:,.0f} | {rates['+augment'] / eaten:.1f} |",
+            f"{rates['materialised']:,.0f} | {rates['object store MB']:,.1f} | {eaten:,.0f} | "
+            f"{rates['+augment'] / eaten:.1f} |",
             flush=True,
         )
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -24,6 +24,18 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 _RESIZED_CROP_TRIES = 10
 
 
+UNIT_SCALE = 1.0 / 255.0
+
+
+def unit_images(images: Tensor) -> Tensor:
+    """uint8 pixels (as decoded corpora hold them) as float32 in [0, 1]: ``x · float32(1/255)``, the
+    arithmetic decoding into float32 used to do, so a float image is the same wherever it is converted.
+    Float images pass unchanged. Convert after moving to the device: a quarter of the bytes travel."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).mul_(UNIT_SCALE)
+
+
 def _uniform(n: int, generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> Tensor:
     return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
 

@@ -137,7 +137,9 @@ class DataConfig(Section):
     transforms: dict[str, StreamTransform] = Field(default_factory=dict)
     prefetch_batches: int = Field(2, ge=0)
     materialize: bool = Field(
-        True, description="decode each corpus once into Ray's object store (fits in RAM)"
+        True,
+        description="decode each corpus once into Ray's object store as uint8 pixels (C·H·W bytes an "
+        "image: ImageNet-32's 1.28 M images take 3.9 GB); false decodes again every epoch",
     )
     cache_dir: str | None = None
 

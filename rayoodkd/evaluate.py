@@ -21,11 +21,13 @@ from rayoodkd.config import ConfigError, apply_overrides, build_config
 if TYPE_CHECKING:
     import torch
 
+    from rayoodkd.engine.loop import Worker
 
-def evaluate_checkpoint(
-    checkpoint: str | Path, overrides: list[str] | None = None
-) -> dict[str, dict[str, float]]:
-    """``{"teacher" | "final" | "best_val": {"val/top1": ..., "test/top1": ...}}`` for a run checkpoint."""
+
+def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -> Worker:
+    """The run's worker rebuilt from a checkpoint in this process: the method exactly as the run built it
+    (config and teacher from the checkpoint), every player restored, ``data.val`` and ``data.test`` read
+    into memory (overridable)."""
     import torch
 
     from rayoodkd.engine.checkpoint import STATE_FILE, load_state
@@ -55,7 +57,14 @@ def evaluate_checkpoint(
     session = LocalSession(
         {s: empty for s in ("ood", "web", "labelled")}, eval_sets, directory, resume_from=directory
     )
-    worker = Worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+    return Worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path, overrides: list[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """``{"teacher" | "final" | "best_val": {"val/top1": ..., "test/top1": ...}}`` for a run checkpoint."""
+    worker = restore_worker(checkpoint, overrides)
     student = worker.method.deployable_student()
     models: dict[str, Any] = {"teacher": worker.teacher, "final": student}
     if worker.best_student is not None:

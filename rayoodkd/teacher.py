@@ -63,6 +63,7 @@ def load_tensors(
     skipped."""
     import torch
 
+    from rayoodkd.augment import unit_images
     from rayoodkd.data import load_corpus
 
     dataset = load_corpus(corpus, image_size=image_size, channels=channels, seed=seed, cache_dir=cache_dir)
@@ -70,7 +71,7 @@ def load_tensors(
     for batch in dataset.iter_torch_batches(batch_size=2048):
         keep = ~batch["corrupt"].bool()
         corrupt += int((~keep).sum())
-        images.append(batch["image"][keep])
+        images.append(unit_images(batch["image"][keep]))
         labels.append(batch["label"][keep].long())
     if not images:
         raise ValueError(f"corpus {describe_corpus(corpus)} is empty")

@@ -30,8 +30,8 @@ def _batch(*items: object, labels: list | None = None) -> dict[str, np.ndarray]:
 def test_valid_png_decodes_exactly_with_label() -> None:
     pixels = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
     out = decode_batch(_batch(_encode(Image.fromarray(pixels)), labels=[7]), image_size=4, channels=1)
-    assert out["image"].dtype == np.float32 and out["image"].shape == (1, 1, 4, 4)
-    np.testing.assert_allclose(out["image"][0, 0], pixels / 255.0, atol=1e-6)
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (1, 1, 4, 4)
+    np.testing.assert_array_equal(out["image"][0, 0], pixels)
     assert out["label"].dtype == np.int64 and out["label"].tolist() == [7]
     assert out["corrupt"].dtype == bool and out["corrupt"].tolist() == [False]
 
@@ -41,7 +41,7 @@ def test_resize_squashes_instead_of_cropping() -> None:
     pixels[:, :10] = 255  # only the left quarter is white: a centre crop would be all black
     out = decode_batch(_batch(_encode(Image.fromarray(pixels))), image_size=10, channels=1)["image"][0, 0]
     assert out.shape == (10, 10)
-    assert out[:, :2].min() > 0.9 and out[:, 4:].max() < 0.05
+    assert out[:, :2].min() > 0.9 * 255 and out[:, 4:].max() < 0.05 * 255
 
 
 def test_corrupt_inputs_are_flagged_not_raised() -> None:
@@ -53,7 +53,7 @@ def test_corrupt_inputs_are_flagged_not_raised() -> None:
     assert out["corrupt"].tolist() == [False, True, True, True, True]
     assert out["label"].tolist() == [1, 2, 3, 4, 5]
     assert np.all(out["image"][1:] == 0)
-    np.testing.assert_allclose(out["image"][0], 200 / 255, atol=1e-6)
+    assert np.all(out["image"][0] == 200)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_odd_modes_are_converted(make: str, expected: float) -> None:
         data = _encode(Image.new("1", size, 1))
     out = decode_batch(_batch(data), image_size=4, channels=1)
     assert not out["corrupt"][0]
-    np.testing.assert_allclose(out["image"][0, 0], expected, atol=0.01)
+    np.testing.assert_allclose(out["image"][0, 0] / 255, expected, atol=0.01)
     rgb = decode_batch(_batch(data), image_size=4, channels=3)
     assert rgb["image"].shape == (1, 3, 4, 4) and not rgb["corrupt"][0]
 
@@ -97,12 +97,12 @@ def test_gray_to_rgb_and_rgb_to_gray() -> None:
     gray = _encode(Image.fromarray(np.full((5, 5), 100, np.uint8)))
     out = decode_batch(_batch(gray), image_size=5, channels=3)["image"][0]
     assert out.shape == (3, 5, 5)
-    np.testing.assert_allclose(out, 100 / 255, atol=1e-6)
+    assert np.all(out == 100)
     red = _encode(Image.new("RGB", (5, 5), (255, 0, 0)))
     out = decode_batch(_batch(red), image_size=5, channels=3)["image"][0]
-    np.testing.assert_allclose(out[:, 2, 2], [1.0, 0.0, 0.0], atol=1e-6)
+    assert out[:, 2, 2].tolist() == [255, 0, 0]
     luma = decode_batch(_batch(red), image_size=5, channels=1)["image"][0, 0, 2, 2]
-    assert luma == pytest.approx(76 / 255, abs=1 / 255)  # ITU-R 601: 0.299 * 255
+    assert int(luma) == pytest.approx(76, abs=1)  # ITU-R 601: 0.299 * 255
 
 
 def test_large_jpeg_uses_reduced_decoding_and_keeps_content() -> None:
@@ -112,19 +112,18 @@ def test_large_jpeg_uses_reduced_decoding_and_keeps_content() -> None:
     pixels += rng.integers(0, 10, pixels.shape, dtype=np.uint8)
     data = _encode(Image.fromarray(pixels), "JPEG", quality=90)
     out = decode_batch(_batch(data), image_size=16, channels=1)["image"][0, 0]
-    assert out[:7].mean() > 0.9 and out[9:].mean() < 0.1
+    assert out[:7].mean() > 0.9 * 255 and out[9:].mean() < 0.1 * 255
 
 
 def test_raw_pixel_arrays_and_missing_labels() -> None:
     gray = np.stack([np.full((6, 6), v, np.uint8) for v in (0, 51, 255)])
     out = decode_batch({"image": gray}, image_size=3, channels=1)
-    np.testing.assert_allclose(out["image"][:, 0, 0, 0], [0.0, 0.2, 1.0], atol=1e-6)
+    assert out["image"][:, 0, 0, 0].tolist() == [0, 51, 255]
     assert out["label"].tolist() == [-1, -1, -1] and not out["corrupt"].any()
     rgb = np.zeros((2, 4, 4, 3), np.uint8)
     rgb[..., 1] = 255
     out = decode_batch({"image": rgb, "label": np.array([3, 4])}, image_size=4, channels=3)
-    np.testing.assert_allclose(out["image"][:, 1], 1.0)
-    np.testing.assert_allclose(out["image"][:, [0, 2]], 0.0)
+    assert np.all(out["image"][:, 1] == 255) and np.all(out["image"][:, [0, 2]] == 0)
     bad = _batch(np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8), labels=[None, 2])
     out = decode_batch(bad, image_size=4, channels=1)
     assert out["corrupt"].tolist() == [True, False] and out["label"].tolist() == [-1, 2]
@@ -137,3 +136,16 @@ def test_empty_batch_and_bad_channels() -> None:
     assert out["image"].shape == (0, 3, 5, 5) and out["label"].shape == (0,) and out["corrupt"].shape == (0,)
     with pytest.raises(ValueError, match="channels"):
         decode_batch({"image": np.empty(0, dtype=object)}, image_size=5, channels=2)
+
+
+def test_workers_turn_decoded_pixels_into_the_floats_decoding_used_to_make() -> None:
+    import torch
+
+    from rayoodkd.augment import unit_images
+
+    pixels = np.arange(256, dtype=np.uint8)
+    before = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # what decode_batch returned before
+    after = unit_images(torch.from_numpy(pixels))
+    assert after.dtype == torch.float32 and np.array_equal(after.numpy(), before)
+    floats = torch.rand(3)
+    assert unit_images(floats) is floats

@@ -163,8 +163,8 @@ def _one_line(err: ValidationError) -> str:
 
 
 def _encode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float CHW images in [0, 1] -> PNG bytes (gray or RGB)."""
-    pixels = np.rint(np.asarray(batch["image"]) * 255.0).clip(0, 255).astype(np.uint8)
+    """Decoded uint8 CHW images -> PNG bytes (gray or RGB)."""
+    pixels = np.asarray(batch["image"], dtype=np.uint8)
     pixels = pixels[:, 0] if pixels.shape[1] == 1 else pixels.transpose(0, 2, 3, 1)
     encoded = np.empty(len(pixels), dtype=object)
     for i, img in enumerate(pixels):

@@ -1,4 +1,8 @@
-"""Batch image decoding for Ray Data ``map_batches``: bytes or raw pixels -> float32 CHW in [0, 1]."""
+"""Batch image decoding for Ray Data ``map_batches``: bytes or raw pixels -> uint8 CHW pixels.
+
+Decoded images stay uint8 in the object store and on their way to the workers (a quarter of float32's
+bytes); a worker turns them into float32 in [0, 1] on its own device (``rayoodkd.augment.unit_images``).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, channels: int) -
     """Decode the ``image`` column of a numpy batch into ``image``/``label``/``corrupt`` columns.
 
     Each ``image`` entry is encoded image bytes (any format Pillow reads) or a raw uint8 pixel array
-    (``[H,W]`` or ``[H,W,C]``). Images become float32 ``(channels, image_size, image_size)`` in [0, 1],
-    squashed (not cropped) with Pillow's antialiasing bilinear resize, and converted to L (channels=1) or RGB
+    (``[H,W]`` or ``[H,W,C]``). Images become uint8 ``(channels, image_size, image_size)``, squashed (not
+    cropped) with Pillow's antialiasing bilinear resize, and converted to L (channels=1) or RGB
     (channels=3). An image that cannot be decoded becomes zeros with ``corrupt=True``; this function never
     raises for bad image data. ``label`` is int64, copied from the batch's ``label`` column, -1 where it is
     missing or null.
@@ -24,7 +28,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, channels: int) -
         raise ValueError(f"channels: must be 1 or 3, got {channels}")
     images = batch["image"]
     n = len(images)
-    out = np.zeros((n, channels, image_size, image_size), dtype=np.float32)
+    out = np.zeros((n, channels, image_size, image_size), dtype=np.uint8)
     corrupt = np.zeros(n, dtype=bool)
     for i in range(n):
         try:
@@ -48,7 +52,7 @@ def _decode_one(item: object, size: int, channels: int) -> np.ndarray:
     img = to_mode(img, target)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 

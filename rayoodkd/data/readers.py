@@ -246,7 +246,7 @@ def _cap_per_class(ds: ray.data.Dataset, k: int, seed: int) -> ray.data.Dataset:
 def load_corpus(
     corpus: Corpus, *, image_size: int, channels: int, seed: int = 0, cache_dir: str | None = None
 ) -> ray.data.Dataset:
-    """A lazy Ray Dataset with columns ``image`` (float32 ``[channels, image_size, image_size]`` in [0, 1]),
+    """A lazy Ray Dataset with columns ``image`` (uint8 ``[channels, image_size, image_size]``),
     ``label`` (int64, -1 when unknown) and ``corrupt`` (bool; corrupt images are zeros).
 
     Builtin sets are first materialised as parquet shards in the cache (``seed`` picks the rendering of

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rayoodkd.augment import unit_images
 from rayoodkd.config import BaseRunConfig, build_config
 from rayoodkd.console import Phases, format_duration
 from rayoodkd.deploy import STUDENT, STUDENT_BEST_VAL, deployed, log_deployed
@@ -244,7 +245,7 @@ class Worker:
 
     def _eval_set(self, name: str) -> EvalSet:
         def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.ctx.normalize(images.to(self.device, torch.float32)), labels.to(self.device)
+            return self.ctx.normalize(unit_images(images.to(self.device))), labels.to(self.device)
 
         return EvalSet(
             self.session.eval_share(name, self.cfg.eval.batch_size),

@@ -1,10 +1,11 @@
 """Real-data streams for ``Method.train_step``: Ray Data shards on workers, in-memory tensors in one process.
 
-Every source yields batches ``{"image": float [N, C, H, W] in [0, 1], "label": int64 [N], "corrupt": bool
-[N]}`` epoch after epoch, and can ``scan`` this rank's whole share once. :class:`DeviceStreams` drops (and
-counts) corrupt rows, moves the batch to the worker's device, augments it with the rank's generator and
-normalises it; a method may replace a stream's training rows by a per-epoch *selection* of scanned rows
-(KD3, DFND), whose epoch length all ranks agree on.
+Every source yields batches ``{"image": uint8 [N, C, H, W] (or float in [0, 1]), "label": int64 [N],
+"corrupt": bool [N]}`` epoch after epoch, and can ``scan`` this rank's whole share once.
+:class:`DeviceStreams` drops (and counts) corrupt rows, moves the batch to the worker's device, turns it
+into float32 in [0, 1] there, augments it with the rank's generator and normalises it; a method may replace
+a stream's training rows by a per-epoch *selection* of scanned rows (KD3, DFND), whose epoch length all
+ranks agree on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rayoodkd.augment import augment_batch
+from rayoodkd.augment import augment_batch, unit_images
 from rayoodkd.config import StreamTransform
 from rayoodkd.methods.base import RunContext
 
@@ -74,12 +75,11 @@ def tensor_source(
 
     Deterministic, so a resumed run sees exactly the batches an uninterrupted one would.
     """
-    images, labels = images[rank::world_size], labels[rank::world_size]  # uint8 images are read as /255
+    images, labels = images[rank::world_size], labels[rank::world_size]
 
     def batch(index: Tensor) -> dict[str, Tensor]:
-        unit = images[index]
-        unit = unit.float() / 255 if unit.dtype == torch.uint8 else unit
-        return {"image": unit, "label": labels[index], "corrupt": torch.zeros(len(index), dtype=torch.bool)}
+        corrupt = torch.zeros(len(index), dtype=torch.bool)
+        return {"image": images[index], "label": labels[index], "corrupt": corrupt}
 
     def epoch_iterator(epoch: int) -> Iterator[dict[str, Tensor]]:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -152,7 +152,7 @@ class DeviceStreams:
         batch = source.next_batch()
         keep = ~batch["corrupt"].bool()
         self.corrupt_skipped += int((~keep).sum())
-        unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
+        unit = unit_images(batch["image"][keep].to(self.ctx.device, non_blocking=True))
         labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
         if augment:
             unit = augment_batch(unit, self.transforms[stream].augment, self.ctx.generator)
@@ -179,7 +179,7 @@ class DeviceStreams:
         Every rank must scan at the same time (Ray Data hands each epoch's blocks to all ranks together)."""
         for batch in self.sources[stream].scan(batch_size):
             keep = ~batch["corrupt"].bool()
-            unit = batch["image"][keep].to(self.ctx.device, torch.float32, non_blocking=True)
+            unit = unit_images(batch["image"][keep].to(self.ctx.device, non_blocking=True))
             labels = batch["label"][keep].to(self.ctx.device, torch.long, non_blocking=True)
             scanned = {"image": self._normalize(stream, unit), "unit": unit, "label": labels}
             if augment:
