@@ -292,6 +292,29 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str,
     )
 
 
+def _trial_lines(space: SweepSpace, base: dict[str, Any], log: Any) -> Any:
+    """A Tune callback: a line per finished, early-stopped or failed trial (Tune's own tables are off; each
+    trial's progress lines come from its workers)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            step, budget = result.get("step"), trial_config(base, trial.config["search"])["max_steps"]
+            how = "finished" if step is None or step >= budget else f"stopped early at step {step}"
+            value = result.get(space.metric, math.nan)
+            log(f"trial {trial.trial_id} {how}: {space.metric} {value:.4g} ({_sampled(trial)})")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log(f"trial {trial.trial_id} failed ({_sampled(trial)}); its MLflow run has the reason")
+
+    return TrialLines()
+
+
+def _sampled(trial: Any) -> str:
+    return ", ".join(f"{key}={value}" for key, value in trial.config["search"].items())
+
+
 @dataclass
 class TrialRow:
     """One line of ``results.csv``."""
@@ -436,7 +459,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines
+    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.teacher import ensure_teacher
 
@@ -518,10 +541,12 @@ def run_sweep(
                 name="tune",
                 storage_path=paths.root,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                verbose=1,
+                verbose=0,
+                callbacks=[_trial_lines(space, base, log)],
             ),
         )
-    grid = tuner.fit()
+    with silent_tune():
+        grid = tuner.fit()
     rows = _rows(grid, space, base, paths)
     finished = [row for row in rows if not math.isnan(row.metric)]
     best = None

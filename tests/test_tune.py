@@ -142,7 +142,9 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local) -> None:
+def test_asha_sweep_stops_trials_and_nests_mlflow_runs(
+    tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = [
         f"storage_path={tmp_path / 'runs'}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -160,6 +162,11 @@ def test_asha_sweep_stops_trials_and_nests_mlflow_runs(tmp_path: Path, ray_local
     assert all(row.steps < 40 for row in stopped)
     assert result.best is not None and not result.best.stopped_early
     assert result.best.sampled["kd_ood.optim.student.lr"] >= 0.02  # the no-learning rates never win
+    console = capsys.readouterr().out
+    for row in result.rows:  # a line per trial, not Tune's status tables
+        how = f"stopped early at step {row.steps}" if row.stopped_early else "finished"
+        assert f"trial {row.trial_id} {how}: val/top1 " in console
+    assert "Trial status" not in console and "View detailed results" not in console
 
     table = list(csv.DictReader((output / "results.csv").read_text().splitlines()))
     assert len(table) == 4 and {r["stopped_early"] for r in table} == {"True", "False"}
