@@ -152,7 +152,7 @@ def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, 
     )
 
 
-def _collect(
+def collect_results(
     cells: list[Cell], trials: str, tracking_uri: str, metrics: Sequence[str] = ()
 ) -> list[CellResult]:
     """Each cell's figures from its MLflow run (a cell that never started has none)."""
@@ -358,7 +358,8 @@ def run_compare(
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, cells=cells, compare=compare), {"CPU": driver_cpus}
     )
-    finished = {r.run_name for r in _collect(cells, trials, tracker.tracking_uri) if r.status == "FINISHED"}
+    results = collect_results(cells, trials, tracker.tracking_uri)
+    finished = {r.run_name for r in results if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
     fits = trials_that_fit([build_config(cell.config) for cell in cells], driver_cpus)
     concurrent = min(fits, max_concurrent or len(cells))
@@ -381,7 +382,7 @@ def run_compare(
         )
         with silent_tune():
             tuner.fit()
-    results = _collect(cells, trials, tracker.tracking_uri, metrics)
+    results = collect_results(cells, trials, tracker.tracking_uri, metrics)
     table = table_markdown(results, name, metrics)
     output = output or Path(f"compare-{name}")
     output.mkdir(parents=True, exist_ok=True)
