@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rayoodkd.augment import augment_batch
+from rayoodkd.augment import augment_batch, unit_images
 from rayoodkd.config import resolve_config
 from rayoodkd.data.config import CorpusConfig
 from rayoodkd.data.readers import load_corpus
@@ -99,8 +99,8 @@ def _pass(
     for batch in dataset.iter_torch_batches(
         batch_size=batch_size, local_shuffle_buffer_size=shuffle_buffer or None, prefetch_batches=prefetch
     ):
-        if augment is not None:
-            augment_batch(batch["image"], augment, generator)
+        if augment is not None:  # as a CPU worker does: to float32 in [0, 1], then augment
+            augment_batch(unit_images(batch["image"]), augment, generator)
         images += len(batch["image"])
     return images, time.perf_counter() - start
 

@@ -30,9 +30,10 @@ UNIT_SCALE = 1.0 / 255.0
 def unit_images(images: Tensor) -> Tensor:
     """uint8 pixels (as decoded corpora hold them) as float32 in [0, 1]: ``x · float32(1/255)``, the
     arithmetic decoding into float32 used to do, so a float image is the same wherever it is converted.
-    Float images pass unchanged. Convert after moving to the device: a quarter of the bytes travel."""
+    Other images become float32 unchanged in value. Convert after moving to the device: a quarter of the
+    bytes travel."""
     if images.dtype != torch.uint8:
-        return images
+        return images.to(torch.float32)
     return images.to(torch.float32).mul_(UNIT_SCALE)
 
 

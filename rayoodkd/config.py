@@ -165,9 +165,10 @@ class EvalConfig(Section):
     cache_mb: float = Field(
         2048,
         ge=0,
-        description="each worker keeps its share of data.val and data.test in memory (normalised float32, "
-        "on its device) when every worker's share fits in this many MB; otherwise the split is streamed "
-        "through Ray Data at every evaluation, still split across the workers (0: always stream)",
+        description="each worker keeps its share of data.val and of data.test in memory (normalised "
+        "float32, on its device) when every worker's share of that split fits in this many MB; otherwise the "
+        "split is streamed through Ray Data at every evaluation, still split across the workers (0: always "
+        "stream)",
     )
     topk: tuple[int, ...] = Field(
         (1, 5), description="accuracies reported as val/top{k} and test/top{k} (top1 always; AuG-KD: 1, 3, 5)"

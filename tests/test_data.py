@@ -35,12 +35,15 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def _rows(ds) -> dict[str, np.ndarray]:
-    """All rows as numpy columns, in a stable order (by label, corrupt first, then mean intensity)."""
+    """All rows as numpy columns (images in [0, 1]), in a stable order (by label, corrupt first, then mean
+    intensity)."""
     cols = {k: [] for k in ("image", "label", "corrupt")}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         for k in cols:
             cols[k].append(batch[k])
     out = {k: np.concatenate(v) for k, v in cols.items()}
+    assert out["image"].dtype == np.uint8  # decoded pixels; the workers turn them into floats
+    out["image"] = out["image"].astype(np.float32) / 255
     means = out["image"].reshape(len(out["label"]), -1).mean(axis=1)
     order = np.lexsort((means, ~out["corrupt"], out["label"]))
     return {k: v[order] for k, v in out.items()}
@@ -71,7 +74,7 @@ def test_image_folder_labels_and_corrupt_files(ray_local, image_folder: Path) ->
     assert resolve_format(cfg) == "image_folder"
     assert class_names_of(cfg) == ["cats", "dogs"]
     rows = _rows(load_corpus(cfg, image_size=8, channels=1))
-    assert rows["image"].shape == (8, 1, 8, 8) and rows["image"].dtype == np.float32
+    assert rows["image"].shape == (8, 1, 8, 8)
     assert rows["label"].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
     assert rows["corrupt"].tolist() == [True, False, False, False, False, True, False, False]
     means = rows["image"].mean(axis=(1, 2, 3))

@@ -147,5 +147,5 @@ def test_workers_turn_decoded_pixels_into_the_floats_decoding_used_to_make() -> 
     before = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # what decode_batch returned before
     after = unit_images(torch.from_numpy(pixels))
     assert after.dtype == torch.float32 and np.array_equal(after.numpy(), before)
-    floats = torch.rand(3)
-    assert unit_images(floats) is floats
+    floats = torch.rand(3, dtype=torch.float64)
+    assert unit_images(floats).dtype == torch.float32 and torch.equal(unit_images(floats), floats.float())
