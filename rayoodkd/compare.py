@@ -297,7 +297,7 @@ def run_compare(
     import ray
     from ray import tune
 
-    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.tune import trials_that_fit
@@ -377,7 +377,7 @@ def run_compare(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=root,
                 verbose=0,
-                callbacks=[_progress_callback(cells, log)],
+                callbacks=[_progress_callback(cells, TuneLog(log))],
             ),
         )
         with silent_tune():

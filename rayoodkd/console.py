@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -56,6 +57,18 @@ def show_only_marked_worker_lines() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", marked_only)
     return True
+
+
+class TuneLog:
+    """``log`` for a Ray Tune callback, which Tune pickles with its experiment. A builtin such as ``print``
+    pickles by name, and once Ray Train has patched ``builtins.print`` in this process (it does where its
+    workers run) the original no longer matches that name: a builtin is looked up at each call instead."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = None if isinstance(log, types.BuiltinFunctionType) else log
+
+    def __call__(self, line: str) -> None:
+        (self.log or print)(line)
 
 
 @contextmanager

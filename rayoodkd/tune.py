@@ -459,7 +459,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from rayoodkd.console import quiet_python_loggers, show_only_marked_worker_lines, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.teacher import ensure_teacher
 
@@ -542,7 +542,7 @@ def run_sweep(
                 storage_path=paths.root,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 verbose=0,
-                callbacks=[_trial_lines(space, base, log)],
+                callbacks=[_trial_lines(space, base, TuneLog(log))],
             ),
         )
     with silent_tune():

@@ -164,3 +164,22 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
     again = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "again")
     assert again.parent_run_id == result.parent_run_id
     assert [r.metrics for r in again.results] == [r.metrics for r in result.results]
+
+
+def test_a_tune_callback_log_still_pickles_once_ray_has_patched_print(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import builtins
+    import pickle
+
+    from ray import cloudpickle
+
+    from rayoodkd.console import TuneLog
+
+    original = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original("patched:", *args, **kwargs))
+    with pytest.raises(pickle.PicklingError):
+        cloudpickle.dumps(original)  # what Tune hit when it pickled a callback holding print
+    log = cloudpickle.loads(cloudpickle.dumps(TuneLog(original)))
+    log("a line")
+    assert capsys.readouterr().out == "patched: a line\n"
