@@ -53,14 +53,13 @@ class EvalSet:
             kept = kept if kept is not None and size <= cache_bytes else None
             if kept is not None:
                 kept.append((images, labels))
-        facts = torch.tensor([float(kept is None), rows], dtype=torch.float64, device=device)
+        overflow = torch.tensor([float(kept is None)], device=device)
+        total_rows = torch.tensor([rows], dtype=torch.float64, device=device)
         if _distributed(world_size):
-            overflow = facts[:1].clone()
             dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
-            dist.all_reduce(facts)
-            facts[0] = overflow[0]
-        self.streamed = bool(facts[0].item())
-        self.rows = int(facts[1].item())  # of the whole split, intact rows only
+            dist.all_reduce(total_rows)
+        self.streamed = bool(overflow.item())
+        self.rows = int(total_rows.item())  # of the whole split, intact rows only
         self.cached = None if self.streamed else kept
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
