@@ -252,13 +252,14 @@ def test_failures_before_the_first_checkpoint_leave_no_resumable_run(
     tmp_path: Path, tiny_teacher: Path, ray_local
 ) -> None:
     cfg = _tiny(tmp_path, tiny_teacher, "run_name=early", "max_failures=0", "debug.fail_at_step=2")
-    with pytest.raises(RunFailed, match="worker 0: InjectedFailure"):
+    # Every rank raises at step 2; which of them Ray Train collects before it stops the group is a race.
+    first_hand = r"worker [01]: InjectedFailure: debug.fail_at_step=2"
+    with pytest.raises(RunFailed, match=first_hand):
         launch(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [(r.info.status, r.data.tags["rayoodkd.failure"][:17]) for r in runs] == [
-        ("FAILED", "worker 0: Injecte")
-    ]
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert re.match(first_hand, runs[0].data.tags["rayoodkd.failure"])
     assert not (tmp_path / "runs" / "early" / "rayoodkd_run.json").exists()
 
 
