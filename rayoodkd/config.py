@@ -142,6 +142,12 @@ class DataConfig(Section):
         "image: ImageNet-32's 1.28 M images take 3.9 GB); false decodes again every epoch",
     )
     cache_dir: str | None = None
+    decoded_cache_mb: int = Field(
+        4096,
+        ge=0,
+        description="keep each materialised corpus's decoded pixels on local disk (under cache_dir) up to "
+        "this size, so a later launch with the same corpus skips reading and decoding it; 0 turns it off",
+    )
 
     @field_validator("transforms")
     @classmethod

@@ -92,29 +92,27 @@ def _keep_intact(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: value[keep] for key, value in batch.items()}
 
 
-def _rows_and_corrupt(dataset: Any) -> tuple[int, int]:
-    """How many rows ``dataset`` has, and how many of them are flagged corrupt."""
-    flags = dataset.select_columns(["corrupt"]).iter_batches(batch_size=None, batch_format="numpy")
-    counts = [(len(batch["corrupt"]), int(batch["corrupt"].sum())) for batch in flags]
-    return sum(n for n, _ in counts), sum(c for _, c in counts)
-
-
 def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
     """The Ray datasets of the run, how many corrupt images each held (materialised ones), and how many
     intact rows each consumed stream has (what its epochs are made of)."""
     from rayoodkd.data import load_corpus
+    from rayoodkd.data.decoded import cache_key, count_and_keep, read_cached
 
     consumes = METHODS.get(cfg.method).consumes
-    loaded = {}
-    for key, corpus in corpora(cfg).items():
+    sources = corpora(cfg)
+    size = {"image_size": info.image_size, "channels": info.channels}
+    blocks = max(4 * cfg.num_workers, 8)
+    keys = {}
+    if cfg.data.materialize and cfg.data.decoded_cache_mb:
+        keys = {key: cache_key(corpus, **size, seed=cfg.seed) for key, corpus in sources.items()}
+    cached, loaded = {}, {}
+    for key, corpus in sources.items():
+        hit = read_cached(keys.get(key), cfg.data.cache_dir, blocks)
+        if hit is not None:
+            cached[key] = hit
+            continue
         try:
-            loaded[key] = load_corpus(
-                corpus,
-                image_size=info.image_size,
-                channels=info.channels,
-                seed=cfg.seed,
-                cache_dir=cfg.data.cache_dir,
-            )
+            loaded[key] = load_corpus(corpus, **size, seed=cfg.seed, cache_dir=cfg.data.cache_dir)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{key}.{error}") from None
 
@@ -124,16 +122,19 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
         dataset = loaded[key]
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
-            dataset = dataset.repartition(max(4 * cfg.num_workers, 8)).materialize()
-        elif key.removeprefix("data.") not in consumes:
+            dataset = dataset.repartition(blocks).materialize()
+            counts = count_and_keep(dataset, keys.get(key), cfg.data.cache_dir, cfg.data.decoded_cache_mb)
+            return (dataset, *counts)
+        if key.removeprefix("data.") not in consumes:
             return dataset, 0, 0
-        return (dataset, *_rows_and_corrupt(dataset))
+        return (dataset, *count_and_keep(dataset))
 
     # The corpora decode at the same time: each execution is mostly fixed overhead on small sets.
     with ThreadPoolExecutor(max_workers=len(loaded) or 1) as pool:
-        decoded = dict(zip(loaded, pool.map(decode, loaded), strict=True))
+        decoded = cached | dict(zip(loaded, pool.map(decode, loaded), strict=True))
     datasets, corrupt, rows_of = {}, {}, {}
-    for key, (dataset, rows, skipped) in decoded.items():
+    for key in sources:
+        dataset, rows, skipped = decoded[key]
         name = key.removeprefix("data.")
         intact = rows - skipped
         if cfg.data.materialize:
