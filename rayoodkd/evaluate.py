@@ -26,14 +26,16 @@ if TYPE_CHECKING:
 
 def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -> Worker:
     """The run's worker rebuilt from a checkpoint in this process: the method exactly as the run built it
-    (config and teacher from the checkpoint), every player restored, ``data.val`` and ``data.test`` read
-    into memory (overridable)."""
+    (config and teacher from the checkpoint), every player restored, ``data.val`` and ``data.test``
+    (overridable) read through Ray Data as the run's workers read theirs: kept in memory when they fit
+    ``eval.cache_mb``, else streamed at every evaluation."""
     import torch
 
+    from rayoodkd.data import load_corpus
     from rayoodkd.engine.checkpoint import STATE_FILE, load_state
     from rayoodkd.engine.loop import Worker
     from rayoodkd.engine.session import LocalSession
-    from rayoodkd.teacher import ensure_teacher, load_tensors
+    from rayoodkd.teacher import ensure_teacher
     from rayoodkd.teacher_io import read_teacher
 
     directory = Path(checkpoint)
@@ -44,12 +46,16 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     _, info = read_teacher(teacher_path)
     if info.content_hash != state["teacher_hash"]:
         raise ValueError(f"teacher {teacher_path} is not the teacher this checkpoint was distilled from")
-    eval_sets = {}
-    for name in ("val", "test"):
-        images, labels, _ = load_tensors(
-            getattr(cfg.data, name), info.image_size, info.channels, cfg.data.cache_dir
+    eval_sets = {
+        name: load_corpus(
+            getattr(cfg.data, name),
+            image_size=info.image_size,
+            channels=info.channels,
+            seed=cfg.seed,
+            cache_dir=cfg.data.cache_dir,
         )
-        eval_sets[name] = (images, labels)
+        for name in ("val", "test")
+    }
     empty = (
         torch.zeros(0, info.channels, info.image_size, info.image_size),
         torch.zeros(0, dtype=torch.long),

@@ -222,8 +222,11 @@ def publish_checkpoint(local_dir: Path, run_dir: str, name: str) -> str:
 
 
 class LocalSession:
-    """One process, in-memory data, checkpoints in a directory: for tests, debugging and benchmarks.
+    """One process, in-memory data, checkpoints in a directory: for tests, debugging, benchmarks and
+    ``rayoodkd evaluate``.
 
+    An evaluation set is ``(images, labels)`` tensors or a decoded Ray dataset (read as the run's workers
+    read theirs: kept in memory when it fits ``eval.cache_mb``, else streamed at every evaluation).
     ``resume_from`` is a checkpoint directory, or a run directory whose newest intact checkpoint is used.
     """
 
@@ -233,7 +236,7 @@ class LocalSession:
     def __init__(
         self,
         streams: dict[str, tuple[Tensor, Tensor]],
-        eval_sets: dict[str, tuple[Tensor, Tensor]],
+        eval_sets: dict[str, tuple[Tensor, Tensor] | Any],
         checkpoint_root: str | Path,
         device: str | torch.device = "cpu",
         resume_from: str | Path | None = None,
@@ -265,6 +268,9 @@ class LocalSession:
         }
 
     def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
+        if not isinstance(self.eval_sets[name], tuple):
+            iterator = self.eval_sets[name].iterator()
+            return lambda: _intact_batches(iterator, batch_size)
         images, labels = self.eval_sets[name]
         return lambda: zip(images.split(batch_size), labels.split(batch_size), strict=True)
 
