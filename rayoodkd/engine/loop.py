@@ -557,12 +557,10 @@ class Worker:
             return
         student = self.method.deployable_student()
         info = self.teacher_info
-        mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
         normalised = self.val.example
         if normalised is None:  # this rank's share of the val split is empty
             normalised = torch.zeros(1, info.channels, info.image_size, info.image_size, device=self.device)
-        example = (normalised * std + mean).clamp(0, 1)
+        example = self.ctx.denormalize(normalised).clamp(0, 1)
         test_at_best = report.get("test/top1_at_best_val", report["test/top1"])
         choices = {
             STUDENT: (student, {"selected": "final", "step": self.step, "test_top1": report["test/top1"]}),
