@@ -193,6 +193,13 @@ class ResourcesConfig(Section):
 
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch's intra-op threads in each worker (in the driver with num_workers=0); unset, a "
+        "worker keeps OMP_NUM_THREADS: Ray sets it to the worker's whole CPUs (1 for a fraction) unless "
+        "the environment that started Ray set it",
+    )
     wait_for_workers_s: float = Field(
         300.0,
         ge=0,

@@ -71,6 +71,27 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path, me
         torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=0)
 
 
+def test_a_worker_takes_its_torch_threads_from_the_config(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads_during_steps = []
+    method_class = METHODS.get("kd_ood")
+    real_step = method_class.train_step
+
+    def counting_step(self: object, data: object) -> dict:
+        threads_during_steps.append(torch.get_num_threads())
+        return real_step(self, data)
+
+    monkeypatch.setattr(method_class, "train_step", counting_step)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_worker(_config(tiny_teacher, max_steps=2, **{"resources.torch_threads": 1}), _session(tmp_path))
+    finally:
+        torch.set_num_threads(before)
+    assert threads_during_steps == [1, 1]
+
+
 def test_kd_loss_decreases_and_checkpoint_is_complete(tmp_path: Path, tiny_teacher: Path) -> None:
     session = _session(tmp_path)
     config = _config(

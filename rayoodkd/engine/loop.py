@@ -166,6 +166,8 @@ class Worker:
         self.startup = (loop_config.get("launched_at"), loop_config.get("driver_phases", {}), time.time())
         self.phases = Phases()
         self.cfg: BaseRunConfig = build_config(loop_config["config"])
+        if self.cfg.resources.torch_threads:
+            torch.set_num_threads(self.cfg.resources.torch_threads)
         self.session = session
         self.console_label = loop_config.get("console_label")
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
