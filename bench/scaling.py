@@ -56,7 +56,7 @@ def main() -> None:
             rate = summary["images_per_second"]
             rows.append((label, workers, threads, rate, summary["train_seconds"] / summary["steps"]))
             print(f"{label}: {rate:.0f} img/s, {rows[-1][4]:.3f} s/step", flush=True)
-    one_worker = rows[1][3]
+    one_worker = max(rows[1][3], 1e-9)
     print(f"\n{args.config}, {args.steps} steps, load {os.getloadavg()[0]:.1f} after the runs")
     print("| layout | workers | threads each | student img/s | s/step | img/s vs 1 worker |")
     print("|---|---|---|---|---|---|")

@@ -31,7 +31,7 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     ``eval.cache_mb``, else streamed at every evaluation."""
     import torch
 
-    from rayoodkd.data import load_corpus
+    from rayoodkd.data import describe_corpus, load_corpus
     from rayoodkd.engine.checkpoint import STATE_FILE, load_state
     from rayoodkd.engine.loop import Worker
     from rayoodkd.engine.session import LocalSession
@@ -63,7 +63,11 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     session = LocalSession(
         {s: empty for s in ("ood", "web", "labelled")}, eval_sets, directory, resume_from=directory
     )
-    return Worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+    worker = Worker({"config": cfg.model_dump(mode="json"), "teacher_path": str(teacher_path)}, session)
+    for name in ("val", "test"):
+        if getattr(worker, name).rows == 0:
+            raise ValueError(f"data.{name}: no intact image in {describe_corpus(getattr(cfg.data, name))}")
+    return worker
 
 
 def evaluate_checkpoint(

@@ -96,18 +96,20 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
     """The Ray datasets of the run, how many corrupt images each held (materialised ones), and how many
     intact rows each consumed stream has (what its epochs are made of)."""
     from rayoodkd.data import load_corpus
-    from rayoodkd.data.decoded import cache_key, count_and_keep, read_cached
+    from rayoodkd.data.decoded import count_and_keep, read_cached, slot
 
     consumes = METHODS.get(cfg.method).consumes
     sources = corpora(cfg)
     size = {"image_size": info.image_size, "channels": info.channels}
     blocks = max(4 * cfg.num_workers, 8)
-    keys = {}
-    if cfg.data.materialize and cfg.data.decoded_cache_mb:
-        keys = {key: cache_key(corpus, **size, seed=cfg.seed) for key, corpus in sources.items()}
+    limit = cfg.data.decoded_cache_mb if cfg.data.materialize else 0
+    slots = {
+        key: slot(corpus, **size, seed=cfg.seed, cache_dir=cfg.data.cache_dir, limit_mb=limit)
+        for key, corpus in sources.items()
+    }
     cached, loaded = {}, {}
     for key, corpus in sources.items():
-        hit = read_cached(keys.get(key), cfg.data.cache_dir, blocks)
+        hit = read_cached(slots[key], blocks)
         if hit is not None:
             cached[key] = hit
             continue
@@ -123,8 +125,7 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
         if cfg.data.materialize:
             # Decode once into the object store; then every epoch and every split is a cheap block handout.
             dataset = dataset.repartition(blocks).materialize()
-            counts = count_and_keep(dataset, keys.get(key), cfg.data.cache_dir, cfg.data.decoded_cache_mb)
-            return (dataset, *counts)
+            return (dataset, *count_and_keep(dataset, slots[key]))
         if key.removeprefix("data.") not in consumes:
             return dataset, 0, 0
         return (dataset, *count_and_keep(dataset))

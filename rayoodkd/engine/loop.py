@@ -694,7 +694,11 @@ class Worker:
 
 def run_worker(loop_config: dict[str, Any], session: Session) -> None:
     """Run one worker of a training run described by ``loop_config`` (see ``rayoodkd.launch``)."""
-    Worker(loop_config, session).run()
+    threads = torch.get_num_threads()
+    try:
+        Worker(loop_config, session).run()
+    finally:
+        torch.set_num_threads(threads)  # resources.torch_threads is the run's, not the process's
 
 
 def _version() -> str:

@@ -268,7 +268,7 @@ class LocalSession:
         }
 
     def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
-        if not isinstance(self.eval_sets[name], tuple):
+        if hasattr(self.eval_sets[name], "iterator"):  # a Ray dataset
             iterator = self.eval_sets[name].iterator()
             return lambda: _intact_batches(iterator, batch_size)
         images, labels = self.eval_sets[name]
