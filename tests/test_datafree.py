@@ -18,6 +18,7 @@ from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.methods import METHODS, RunContext
 from rayoodkd.methods import tadfkd as tadfkd_module
+from rayoodkd.methods.base import kd_loss
 from rayoodkd.methods.losses import BNStatistics, balance_loss, jsdiv, l2_prior, onehot_loss, tv_prior
 from rayoodkd.methods.tadfkd import Selection, fill_selected_batch, gmm_select, teacher_losses
 from rayoodkd.models import build_classifier
@@ -194,6 +195,27 @@ def test_priors_match_hand_computation() -> None:
     expected = math.sqrt(1 + 4) + math.sqrt(4 + 9) + 1.0 + 4.0
     assert tv_prior(image).item() == pytest.approx(expected)
     assert l2_prior(image).item() == pytest.approx(math.sqrt(21.0))
+
+
+def test_the_losses_through_a_very_confident_teacher_stay_finite() -> None:
+    """A teacher so confident that some softmax probabilities underflow to 0 (a ResNet-8 on a generator's
+    first samples): the official forms give NaN gradients to the generator (0·log 0); ours do not."""
+    logits = torch.tensor([[120.0, 0.0, -5.0], [110.0, 2.0, 0.0]], requires_grad=True)
+    student = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    assert torch.softmax(logits, 1)[:, 1:].max() == 0  # underflowed
+    for loss in (kd_loss(student, logits, 1.0), balance_loss(logits)):
+        logits.grad = None
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+    def official_kd(s: torch.Tensor, t: torch.Tensor, tau: float) -> torch.Tensor:
+        log_p, q = torch.log_softmax(s / tau, 1), torch.softmax(t / tau, 1)
+        return F.kl_div(log_p, q, reduction="batchmean") * tau**2
+
+    generator = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=generator), 5 * torch.randn(4, 10, generator=generator)
+    assert kd_loss(s, t, 4.0).item() == pytest.approx(official_kd(s, t, 4.0).item(), rel=1e-6)
+    assert kd_loss(student, logits, 1.0).item() == pytest.approx(official_kd(student, logits, 1.0).item())
 
 
 # ------------------------------------------------------------------------------------ TA-DFKD selection

@@ -14,7 +14,7 @@ from rayoodkd.augment import augment_batch
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.evaluation import EvalSet, evaluate, score
-from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.loop import InjectedFailure, NonFiniteLoss, run_worker
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import tensor_source
@@ -90,6 +90,25 @@ def test_a_worker_takes_its_torch_threads_from_the_config(
     finally:
         torch.set_num_threads(before)
     assert threads_during_steps == [1, 1]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_loss_and_the_step(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method_class = METHODS.get("kd_ood")
+    real_step = method_class.train_step
+    calls = []
+
+    def step_that_goes_nan(self: object, data: object) -> dict:
+        metrics = real_step(self, data)
+        calls.append(1)
+        return {**metrics, "loss/kd": metrics["loss/kd"] * float("nan")} if len(calls) == 3 else metrics
+
+    monkeypatch.setattr(method_class, "train_step", step_that_goes_nan)
+    session = _session(tmp_path)
+    with pytest.raises(NonFiniteLoss, match=r"^step 4: loss/kd is not finite"):
+        run_worker(_config(tiny_teacher, max_steps=8, log_every=2), session)
+    assert len(calls) == 4 and session.checkpoints == []  # stopped at the log after it, nothing checkpointed
 
 
 def test_kd_loss_decreases_and_checkpoint_is_complete(tmp_path: Path, tiny_teacher: Path) -> None:

@@ -9,6 +9,7 @@ the held-out in-domain set, and ``report`` with a checkpoint of everything neede
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 import sys
@@ -62,6 +63,10 @@ RUN_STATE = (
 
 class InjectedFailure(RuntimeError):
     """Raised by ``debug.fail_at_step`` to exercise worker-failure recovery."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss the method logged was NaN or infinite: every rank stops rather than train on with it."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -343,10 +348,16 @@ class Worker:
 
     def _log(self, pending: MetricAccumulator) -> dict[str, float]:
         metrics = pending.flush()
-        local = [metrics.pop("images", 0.0), float(self.streams.corrupt_skipped)]
-        images, corrupt = self.ctx.all_reduce(
+        nonfinite = sorted(k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v))
+        local = [metrics.pop("images", 0.0), float(self.streams.corrupt_skipped), float(len(nonfinite))]
+        images, corrupt, ranks_nonfinite = self.ctx.all_reduce(
             torch.tensor(local, dtype=torch.float64, device=self.device)
         ).tolist()
+        if ranks_nonfinite:  # on every rank at once: DDP ranks must leave together
+            raise NonFiniteLoss(
+                f"step {self.step}: {', '.join(nonfinite) or 'a loss on another rank'} is not finite "
+                f"(NaN or inf in the mean since the last log); stopped rather than train on with it"
+            )
         self.images_seen += images
         bookkeeping = {
             "data/corrupt_skipped": corrupt,

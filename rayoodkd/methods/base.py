@@ -314,7 +314,12 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton KD as coded in MosaicKD/CMI: τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (spec §1.4)."""
+    """Hinton KD as coded in MosaicKD/CMI: τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), batch mean (spec §1.4).
+
+    The teacher's side enters as log-probabilities (``log_target``): where a very confident teacher's
+    probability underflows to 0, the official form's gradient through the teacher (DFAD's and DFQ's
+    generators) is 0·log 0 = NaN; this one is finite and otherwise the same."""
     log_p_student = torch.log_softmax(student_logits / temperature, dim=1)
-    p_teacher = torch.softmax(teacher_logits / temperature, dim=1)
-    return nn.functional.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
+    log_p_teacher = torch.log_softmax(teacher_logits / temperature, dim=1)
+    kl = nn.functional.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2

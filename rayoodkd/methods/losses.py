@@ -139,7 +139,9 @@ def balance_loss(teacher_logits: Tensor, log_base: float = math.e) -> Tensor:
     The toolkit (Fast-Datafree) uses the natural log, MosaicKD ``kd_datafree.py`` log₁₀, MosaicKD log₂.
     """
     p = F.softmax(teacher_logits, dim=1).mean(0)
-    return (p * p.log()).sum() / math.log(log_base)
+    # A class no sample gives any probability (p̄_c underflows to 0 with very confident teachers) adds
+    # 0·log 0 = 0, not NaN, and no NaN gradient: the log is taken of p̄ clamped to the smallest normal.
+    return (p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum() / math.log(log_base)
 
 
 def tv_prior(images: Tensor) -> Tensor:
