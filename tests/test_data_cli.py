@@ -52,3 +52,19 @@ def test_cli_bad_arguments_exit_2_with_one_line(args: list[str], expected: str, 
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0]
+
+
+def test_the_cache_command_shows_each_part_and_clears_the_decoded_corpora(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entries = (("decoded", "a1b2", 3 * 2**20), ("decoded", "c3d4", 2**20), ("teachers", "t", 10))
+    for part, entry, size in entries:
+        (tmp_path / part / entry).mkdir(parents=True)
+        (tmp_path / part / entry / "image.npy").write_bytes(b"\0" * size)
+    (tmp_path / "decoded" / "over-limit-e5f6").touch()  # a marker, not an entry
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "decoded         2 entries        4.0 MB" in shown and "teachers        1 entries" in shown
+    assert main(["cache", "--cache-dir", str(tmp_path), "--clear-decoded"]) == 0
+    assert "deleted 2 decoded corpora (4.0 MB)" in capsys.readouterr().out
+    assert not (tmp_path / "decoded").exists() and (tmp_path / "teachers" / "t").is_dir()

@@ -1,4 +1,5 @@
-"""``python -m rayoodkd.data``: materialise or inspect an image corpus, or a union of several."""
+"""``python -m rayoodkd.data``: materialise or inspect an image corpus (or a union of several); show or
+clear the local cache."""
 
 from __future__ import annotations
 
@@ -121,14 +122,14 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI parser with the ``materialize`` and ``inspect`` subcommands."""
+    """The CLI parser with the ``materialize``, ``inspect`` and ``cache`` subcommands."""
     parser = _Parser(
         prog="python -m rayoodkd.data",
         description="Materialise image corpora as parquet shards, or inspect them, through Ray Data.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{materialize,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{materialize,inspect,cache}")
     mat = sub.add_parser(
         "materialize",
         help="decode, resize and write a corpus as parquet shards (image: PNG bytes, label: int64)",
@@ -150,7 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_corpus_args(insp)
+    cache = sub.add_parser(
+        "cache",
+        help="show what the local cache holds, or clear its decoded corpora",
+        description="Show the cache directory's parts (builtin sets as parquet, decoded corpora, "
+        "teachers) with their entries and sizes; --clear-decoded deletes the decoded corpora, which the "
+        "next launch of each corpus writes again.",
+    )
+    cache.add_argument("--cache-dir", default=None, help="default: $RAYOODKD_CACHE or ~/.cache/rayoodkd")
+    cache.add_argument("--clear-decoded", action="store_true", help="delete every decoded corpus")
     return parser
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from rayoodkd.data.builtin import cache_root
+    from rayoodkd.data.decoded import cache_usage, clear_decoded
+
+    if args.clear_decoded:
+        entries, size = clear_decoded(args.cache_dir)
+        print(f"deleted {entries} decoded corpora ({size / 2**20:.1f} MB)")
+    print(f"cache: {cache_root(args.cache_dir)}")
+    for part, (entries, size) in cache_usage(args.cache_dir).items():
+        print(f"  {part:<10} {entries:>6} entries {size / 2**20:>10.1f} MB")
 
 
 def _one_line(err: ValidationError) -> str:
@@ -214,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (bad arguments exit with 2 and a one-line message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        _cache(args)
+        return 0
     from rayoodkd.data.readers import load_corpus, resolve_format
 
     try:

@@ -237,3 +237,21 @@ def _touch(path: Path) -> None:
         path.touch()
     except OSError as error:
         warnings.warn(f"decoded cache: could not write {path}: {error}", stacklevel=3)
+
+
+def cache_usage(cache_dir: str | None = None) -> dict[str, tuple[int, int]]:
+    """``{part: (entries, bytes)}`` of each part of the cache (``builtin``, ``decoded``, ``teachers``)."""
+    root = cache_root(cache_dir)
+    usage = {}
+    for part in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        entries = [e for e in part.iterdir() if not e.name.startswith((".", "over-limit-"))]
+        size = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+        usage[part.name] = (len(entries), size)
+    return usage
+
+
+def clear_decoded(cache_dir: str | None = None) -> tuple[int, int]:
+    """Delete every decoded corpus (and over-limit marker) in the cache; return (entries, bytes) freed."""
+    entries, size = cache_usage(cache_dir).get("decoded", (0, 0))
+    shutil.rmtree(cache_root(cache_dir) / "decoded", ignore_errors=True)
+    return entries, size
