@@ -4,7 +4,9 @@
     python bench/startup.py --config mnist-mosaickd-letters --runs 2 num_workers=1
 
 Each run is ``python -m rayoodkd.train --config CONFIG max_steps=2 eval.every=2`` in a fresh process and its
-own storage (a new MLflow store each time, as a first run in a new directory has). The wall time to the
+own storage (a new MLflow store each time, as a first run in a new directory has). The warm-up run fills the
+caches (the builtin sets, the teacher, the decoded corpora); add ``data.decoded_cache_mb=0`` to time
+decoding the corpora at every launch, as before the decoded cache. The wall time to the
 worker's "first step" console line is measured from outside (Python start-up and imports included); the
 breakdown is the run's own account (MLflow tags ``startup/*``; ``total`` counts from ``launch()`` on): the
 driver's checks, Ray start, corpus materialisation and MLflow run, the worker group's start (Ray Train
