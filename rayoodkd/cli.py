@@ -25,7 +25,7 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("rayoodkd.tune", "a hyperparameter sweep with Ray Tune and ASHA"),
     "teacher": Command("rayoodkd.teacher", "train a teacher checkpoint, import foreign weights or show one"),
     "evaluate": Command("rayoodkd.evaluate", "the accuracy table of a run checkpoint on its in-domain sets"),
-    "data": Command("rayoodkd.data.__main__", "materialise or inspect an image corpus through Ray Data"),
+    "data": Command("rayoodkd.data.__main__", "materialise or inspect an image corpus; show the cache"),
     "compare": Command("rayoodkd.compare", "configs x seeds as concurrent trials, in mean ± std"),
 }
 

@@ -20,6 +20,7 @@ from rayoodkd.methods import METHODS, RunContext
 from rayoodkd.methods import tadfkd as tadfkd_module
 from rayoodkd.methods.base import kd_loss
 from rayoodkd.methods.losses import BNStatistics, balance_loss, jsdiv, l2_prior, onehot_loss, tv_prior
+from rayoodkd.methods.mosaickd import balance_loss as mosaickd_balance_loss
 from rayoodkd.methods.tadfkd import Selection, fill_selected_batch, gmm_select, teacher_losses
 from rayoodkd.models import build_classifier
 from rayoodkd.teacher_io import load_teacher
@@ -203,7 +204,7 @@ def test_the_losses_through_a_very_confident_teacher_stay_finite() -> None:
     logits = torch.tensor([[120.0, 0.0, -5.0], [110.0, 2.0, 0.0]], requires_grad=True)
     student = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
     assert torch.softmax(logits, 1)[:, 1:].max() == 0  # underflowed
-    for loss in (kd_loss(student, logits, 1.0), balance_loss(logits)):
+    for loss in (kd_loss(student, logits, 1.0), balance_loss(logits), mosaickd_balance_loss(logits)):
         logits.grad = None
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

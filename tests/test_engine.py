@@ -106,9 +106,38 @@ def test_a_nan_loss_stops_the_run_naming_the_loss_and_the_step(
 
     monkeypatch.setattr(method_class, "train_step", step_that_goes_nan)
     session = _session(tmp_path)
-    with pytest.raises(NonFiniteLoss, match=r"^step 4: loss/kd is not finite"):
-        run_worker(_config(tiny_teacher, max_steps=8, log_every=2), session)
+    config = {**_config(tiny_teacher, max_steps=8, log_every=2), "launched_at": 1.0}
+    with pytest.raises(NonFiniteLoss, match=r"^step 4 \(stage train\): loss/kd not finite"):
+        run_worker(config, session)
     assert len(calls) == 4 and session.checkpoints == []  # stopped at the log after it, nothing checkpointed
+    with pytest.raises(NonFiniteLoss, match=r"^step 4 "):  # a retry of the same launch stops at once
+        run_worker(config, _session(tmp_path))
+    assert len(calls) == 4
+    run_worker({**config, "launched_at": 2.0}, _session(tmp_path))  # a new launch trains (and passes step 3)
+    assert len(calls) == 4 + 8
+
+
+def test_nan_weights_after_a_finite_loss_stop_the_run_before_they_are_checkpointed(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method_class = METHODS.get("kd_ood")
+    real_step = method_class.train_step
+
+    calls = []
+
+    def step_that_breaks_the_weights(self: object, data: object) -> dict:
+        metrics = real_step(self, data)  # the loss is computed before the update that breaks the weights
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                next(self.student.parameters()).fill_(float("nan"))
+        return metrics
+
+    monkeypatch.setattr(method_class, "train_step", step_that_breaks_the_weights)
+    session = _session(tmp_path)
+    with pytest.raises(NonFiniteLoss, match=r"^step 4 \(stage train\): the weights of student are not"):
+        run_worker(_config(tiny_teacher, max_steps=8, log_every=4), session)
+    assert session.checkpoints == []  # the evaluation at step 4 would have checkpointed them
 
 
 def test_kd_loss_decreases_and_checkpoint_is_complete(tmp_path: Path, tiny_teacher: Path) -> None:

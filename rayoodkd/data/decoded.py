@@ -245,7 +245,7 @@ def cache_usage(cache_dir: str | None = None) -> dict[str, tuple[int, int]]:
     usage = {}
     for part in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         entries = [e for e in part.iterdir() if not e.name.startswith((".", "over-limit-"))]
-        size = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
+        size = sum(_size(f) for f in part.rglob("*"))
         usage[part.name] = (len(entries), size)
     return usage
 
@@ -255,3 +255,11 @@ def clear_decoded(cache_dir: str | None = None) -> tuple[int, int]:
     entries, size = cache_usage(cache_dir).get("decoded", (0, 0))
     shutil.rmtree(cache_root(cache_dir) / "decoded", ignore_errors=True)
     return entries, size
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for a directory, or a file a concurrent launch renamed or removed meanwhile."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0

@@ -44,6 +44,7 @@ from rayoodkd.storage import read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, load_teacher
 
 THROUGHPUT_KEY = "throughput/images_per_second"
+NONFINITE_MARKER = "rayoodkd_nonfinite.json"
 FAULT_MARKER = "debug_fault_fired.json"
 BOOKKEEPING = frozenset({THROUGHPUT_KEY, "data/corrupt_skipped"})  # never under a stage's name
 # Reported to Ray Train with every evaluation, but in MLflow these are the run's state, not curves: tags.
@@ -66,7 +67,10 @@ class InjectedFailure(RuntimeError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss the method logged was NaN or infinite: every rank stops rather than train on with it."""
+    """A loss the method logged, or a player's weights at an evaluation, went NaN or infinite: every rank
+    stops rather than train on with it. The run directory remembers it, so Ray Train's retries of the same
+    launch (an exact resume would reach it again) stop at once; a new launch (say with a lower learning
+    rate) resumes as usual."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -230,6 +234,11 @@ class Worker:
         self.phases.lap("teacher test")
         self.fault_marker = f"{session.run_dir}/{FAULT_MARKER}"
         self.fired_faults = (read_json(self.fault_marker) or {}).get("fired", [])
+        self.launched_at = loop_config.get("launched_at")
+        self.nonfinite_marker = f"{session.run_dir}/{NONFINITE_MARKER}"
+        stopped = read_json(self.nonfinite_marker) or {}
+        if self.launched_at is not None and stopped.get("launched_at") == self.launched_at:
+            raise NonFiniteLoss(stopped["message"])
         run_id = loop_config.get("mlflow_run_id")
         self.tracker = Tracker(loop_config["tracking_uri"], run_id) if self.rank == 0 and run_id else None
         # Steps an earlier attempt logged after its last checkpoint are re-run but not logged twice; training
@@ -348,16 +357,17 @@ class Worker:
 
     def _log(self, pending: MetricAccumulator) -> dict[str, float]:
         metrics = pending.flush()
-        nonfinite = sorted(k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v))
+        # With fp16 a GradScaler skips the steps whose forward overflowed; with fp32/bf16 nothing would.
+        checked = self.ctx.amp_dtype != torch.float16
+        nonfinite = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
+        nonfinite = nonfinite if checked else []
         local = [metrics.pop("images", 0.0), float(self.streams.corrupt_skipped), float(len(nonfinite))]
-        images, corrupt, ranks_nonfinite = self.ctx.all_reduce(
+        images, corrupt, nonfinite_count = self.ctx.all_reduce(
             torch.tensor(local, dtype=torch.float64, device=self.device)
         ).tolist()
-        if ranks_nonfinite:  # on every rank at once: DDP ranks must leave together
-            raise NonFiniteLoss(
-                f"step {self.step}: {', '.join(nonfinite) or 'a loss on another rank'} is not finite "
-                f"(NaN or inf in the mean since the last log); stopped rather than train on with it"
-            )
+        if nonfinite_count:  # every rank sees the sum: they leave together
+            names = ", ".join(self._gathered(nonfinite))
+            self._stop_nonfinite(f"{names} not finite (NaN or inf in the mean since the last log)")
         self.images_seen += images
         bookkeeping = {
             "data/corrupt_skipped": corrupt,
@@ -422,7 +432,41 @@ class Worker:
             topk=self.cfg.eval.topk,
         )
 
+    def _gathered(self, names: list[str]) -> list[str]:
+        """The union of every rank's ``names`` (called by all ranks together)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return sorted(names)
+        everyone: list[list[str]] = [[] for _ in range(self.world_size)]
+        dist.all_gather_object(everyone, names)
+        return sorted({name for rank_names in everyone for name in rank_names})
+
+    def _stop_nonfinite(self, what: str) -> None:
+        """Stop every rank (they all call this at the same step), remembering why for this launch."""
+        stage = self.stages[min(self.stage_index, len(self.stages) - 1)].name
+        message = (
+            f"step {self.step} (stage {stage}): {what}; stopped rather than train on with it "
+            f"(the checkpoints before it are kept: relaunch, e.g. with a lower learning rate, to resume)"
+        )
+        if self.rank == 0 and self.launched_at is not None:
+            write_json(self.nonfinite_marker, {"launched_at": self.launched_at, "message": message})
+        raise NonFiniteLoss(message)
+
+    def _check_weights_finite(self) -> None:
+        """Before an evaluation is reported and checkpointed: a NaN update can leave the losses finite."""
+        players = self.method.players()
+        finite = [
+            torch.stack([p.isfinite().all() for p in module.parameters()]).all()
+            if any(True for _ in module.parameters())
+            else torch.tensor(True, device=self.device)
+            for module in players.values()
+        ]
+        bad = self.ctx.all_reduce((~torch.stack(finite).to(self.device)).to(torch.float64)).tolist()
+        if any(bad):
+            names = ", ".join(name for name, count in zip(players, bad, strict=True) if count)
+            self._stop_nonfinite(f"the weights of {names} are not finite")
+
     def _report(self, metrics: dict[str, float], final: bool) -> dict[str, float]:
+        self._check_weights_finite()
         student = self.method.deployable_student()
         if self.world_size > 1 and dist.is_initialized():
             # DDP gives every rank rank 0's buffers (BN running statistics) at its next forward anyway; doing

@@ -137,7 +137,8 @@ def balance_loss(teacher_logits: Tensor) -> Tensor:
     """L_balance (appendix): Σ_c p̄_c log₂ p̄_c of the batch-mean teacher prediction p̄ (its negative
     entropy in bits; minimising it spreads the classes)."""
     p_mean = torch.softmax(teacher_logits, dim=1).mean(0)
-    return (p_mean * torch.log2(p_mean)).sum()
+    # Clamped inside the log: a class no sample gives any probability adds 0, not 0·log 0 = NaN.
+    return (p_mean * torch.log2(p_mean.clamp_min(torch.finfo(p_mean.dtype).tiny))).sum()
 
 
 @torch.no_grad()
