@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -309,6 +310,10 @@ def launch(
     _, info = read_teacher(teacher_path)
     phases.lap("checks")
     if not ray.is_initialized():
+        # A Ray instance this command starts itself (a cluster keeps its own setting) runs on this one
+        # machine, which nobody preempts: Ray Train's preemption watcher would be one more actor to start
+        # (2 s of the demo's start-up on 2 cores, docs/benchmarks.md).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(configure_logging=False, log_to_driver=True)
         if not cfg.ray_logs:
             show_only_marked_worker_lines()

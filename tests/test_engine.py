@@ -258,6 +258,27 @@ def test_two_ranks_agree_to_stream_and_sum_their_shares_exactly() -> None:
             assert mean == pytest.approx(sum(r % 10 for r in range(50)) / 50)
 
 
+def test_an_epoch_source_closes_its_open_iterator_when_asked_not_at_garbage_collection() -> None:
+    from rayoodkd.engine.streams import EpochSource
+
+    closed = []
+
+    def epoch(index: int):
+        try:
+            while True:
+                yield {"image": torch.zeros(1)}
+        finally:
+            closed.append(index)  # where a Ray Data iterator shuts its executor down
+
+    source = EpochSource(epoch, lambda batch_size: iter(()))
+    source.next_batch()
+    source.close()
+    assert closed == [0]
+    source.next_batch()  # a closed source opens the epoch again when asked for more
+    source.load_state_dict({"epoch": 3, "consumed": 0})
+    assert closed == [0, 0]
+
+
 def test_tensor_source_reshuffles_per_epoch_and_resumes_mid_epoch() -> None:
     images, labels = torch.arange(12).float().view(12, 1, 1, 1), torch.arange(12)
     source = tensor_source(images, labels, batch_size=4, seed=0)

@@ -694,6 +694,7 @@ class Worker:
         try:
             self._train()
         finally:
+            self.streams.close()
             if monitor is not None:
                 monitor.finish()
 

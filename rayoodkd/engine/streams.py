@@ -33,6 +33,8 @@ class BatchSource(Protocol):
 
     def load_state_dict(self, state: dict[str, int]) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class EpochSource:
     """Turns ``epoch_iterator(epoch)`` into an endless source that remembers (epoch, batches consumed)."""
@@ -65,7 +67,17 @@ class EpochSource:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.consumed, self._iterator = state["epoch"], state["consumed"], None
+        self.close()
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+    def close(self) -> None:
+        """End the open epoch's iterator now. Left to the garbage collector, a Ray Data iterator may be
+        closed at interpreter exit, after Ray has shut down: its executor's shutdown then starts Ray again,
+        and in a finalising interpreter that hangs the process (seen with ``num_workers=0``)."""
+        close = getattr(self._iterator, "close", None)
+        self._iterator = None
+        if close is not None:
+            close()
 
 
 def tensor_source(
@@ -142,6 +154,11 @@ class DeviceStreams:
         self.corrupt_skipped = 0
         self.selections: dict[str, dict[str, Any]] = {}
         self.selected: dict[str, EpochSource] = {}
+
+    def close(self) -> None:
+        """End every open iterator (see :meth:`EpochSource.close`)."""
+        for source in [*self.selected.values(), *self.sources.values()]:
+            source.close()
 
     def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
         if stream not in self.sources:
