@@ -71,18 +71,32 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, tiny_teacher: Path, me
         torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=0)
 
 
+def _after_each_kd_step(monkeypatch: pytest.MonkeyPatch, after: object) -> list[int]:
+    """Patch kd_ood's ``train_step``: ``after(method, metrics, step)`` runs after each step and returns the
+    metrics reported; returns the list of steps taken so far (1-based)."""
+    method_class = METHODS.get("kd_ood")
+    real_step = method_class.train_step
+    steps: list[int] = []
+
+    def step(self: object, data: object) -> dict:
+        metrics = real_step(self, data)
+        steps.append(len(steps) + 1)
+        return after(self, metrics, steps[-1])
+
+    monkeypatch.setattr(method_class, "train_step", step)
+    return steps
+
+
 def test_a_worker_takes_its_torch_threads_from_the_config(
     tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads_during_steps = []
-    method_class = METHODS.get("kd_ood")
-    real_step = method_class.train_step
 
-    def counting_step(self: object, data: object) -> dict:
+    def count_threads(method: object, metrics: dict, step: int) -> dict:
         threads_during_steps.append(torch.get_num_threads())
-        return real_step(self, data)
+        return metrics
 
-    monkeypatch.setattr(method_class, "train_step", counting_step)
+    _after_each_kd_step(monkeypatch, count_threads)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -95,45 +109,32 @@ def test_a_worker_takes_its_torch_threads_from_the_config(
 def test_a_nan_loss_stops_the_run_naming_the_loss_and_the_step(
     tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    method_class = METHODS.get("kd_ood")
-    real_step = method_class.train_step
-    calls = []
+    def nan_at_step_3(method: object, metrics: dict, step: int) -> dict:
+        return {**metrics, "loss/kd": metrics["loss/kd"] * float("nan")} if step == 3 else metrics
 
-    def step_that_goes_nan(self: object, data: object) -> dict:
-        metrics = real_step(self, data)
-        calls.append(1)
-        return {**metrics, "loss/kd": metrics["loss/kd"] * float("nan")} if len(calls) == 3 else metrics
-
-    monkeypatch.setattr(method_class, "train_step", step_that_goes_nan)
+    steps = _after_each_kd_step(monkeypatch, nan_at_step_3)
     session = _session(tmp_path)
     config = {**_config(tiny_teacher, max_steps=8, log_every=2), "launched_at": 1.0}
     with pytest.raises(NonFiniteLoss, match=r"^step 4 \(stage train\): loss/kd not finite"):
         run_worker(config, session)
-    assert len(calls) == 4 and session.checkpoints == []  # stopped at the log after it, nothing checkpointed
+    assert len(steps) == 4 and session.checkpoints == []  # stopped at the log after it, nothing checkpointed
     with pytest.raises(NonFiniteLoss, match=r"^step 4 "):  # a retry of the same launch stops at once
         run_worker(config, _session(tmp_path))
-    assert len(calls) == 4
+    assert len(steps) == 4
     run_worker({**config, "launched_at": 2.0}, _session(tmp_path))  # a new launch trains (and passes step 3)
-    assert len(calls) == 4 + 8
+    assert len(steps) == 4 + 8
 
 
 def test_nan_weights_after_a_finite_loss_stop_the_run_before_they_are_checkpointed(
     tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    method_class = METHODS.get("kd_ood")
-    real_step = method_class.train_step
-
-    calls = []
-
-    def step_that_breaks_the_weights(self: object, data: object) -> dict:
-        metrics = real_step(self, data)  # the loss is computed before the update that breaks the weights
-        calls.append(1)
-        if len(calls) == 4:
+    def break_the_weights_at_step_4(method: object, metrics: dict, step: int) -> dict:
+        if step == 4:  # the loss was computed before this update
             with torch.no_grad():
-                next(self.student.parameters()).fill_(float("nan"))
+                next(method.student.parameters()).fill_(float("nan"))
         return metrics
 
-    monkeypatch.setattr(method_class, "train_step", step_that_breaks_the_weights)
+    _after_each_kd_step(monkeypatch, break_the_weights_at_step_4)
     session = _session(tmp_path)
     with pytest.raises(NonFiniteLoss, match=r"^step 4 \(stage train\): the weights of student are not"):
         run_worker(_config(tiny_teacher, max_steps=8, log_every=4), session)
