@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -106,8 +107,9 @@ def _raise(error: OSError) -> None:
 
 
 def _stat(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return (0 if os.path.isdir(path) else stat.st_size), stat.st_mtime_ns
+    """Size (0 for a directory) and modification time, from one ``stat`` call."""
+    info = os.stat(path)
+    return (0 if stat.S_ISDIR(info.st_mode) else info.st_size), info.st_mtime_ns
 
 
 @dataclass(frozen=True)
