@@ -39,8 +39,9 @@ PANEL = {
 METHODS = ("mnist-dfq", "mnist-tadfkd", "mnist-dfad", "mnist-deepinv")
 # Besides accuracy: the teacher's own score, and agreement with the teacher on real digits (val) next to
 # agreement on what the student trained on (DFQ's synthetic batches), to tell a generator that misses the
-# real digits from a student that cannot follow the teacher.
-METRICS = ("teacher/test_top1", "val/agreement", "train/agreement")
+# real digits from a student that cannot follow the teacher. A method that keeps a pool of synthesised
+# images (DeepInversion) logs its size: the images it synthesised in the run.
+METRICS = ("teacher/test_top1", "val/agreement", "train/agreement", "pool/size")
 
 
 def train_panel() -> None:
@@ -100,11 +101,15 @@ def report(
     the held-out teachers, wall time; then the claim (TA-DFKD's worst held-out case >= DFQ's + 5)."""
     scores: dict[str, dict[str, list[float]]] = {}
     walls: dict[str, list[float]] = {}
+    synthesis_rates: dict[str, list[float]] = {}
     teacher_top1: dict[str, float] = {}
     for method in methods:
         for teacher, figures in _finished(method, teachers, seeds, storage, overrides):
             scores.setdefault(method, {}).setdefault(teacher, []).append(figures["test/top1_at_best_val"])
             walls.setdefault(method, []).append(figures["summary/wall_seconds"])
+            if "pool/size" in figures:
+                rate = figures["pool/size"] / figures["summary/wall_seconds"]
+                synthesis_rates.setdefault(method, []).append(rate)
             teacher_top1[teacher] = figures["teacher/test_top1"]
     shown = [m for m in methods if m in scores]
     print("| teacher | role | teacher test top-1 | " + " | ".join(shown) + " |")
@@ -126,7 +131,11 @@ def report(
             "std over the held-out teachers": "–",
             "mean gap to the held-out teachers": "–",
             "mean wall s per run": f"{statistics.fmean(walls[method]):.0f}",
+            "images synthesised per s of wall time": "–",
         }
+        if method in synthesis_rates:
+            rate = f"{statistics.fmean(synthesis_rates[method]):.1f}"
+            figures["images synthesised per s of wall time"] = rate
         if held:
             weakest = min(held, key=held.get)
             worst[method] = held[weakest]

@@ -322,6 +322,15 @@ def test_adversarial_term_uses_the_real_student(name: str, tiny_teacher: Path) -
     assert abs(real_metrics[ADVERSARIAL[name]]) > 1e-5
 
 
+def test_deepinv_reports_a_synthesis_cost_that_is_never_finite(bn_teacher: Path) -> None:
+    """A NaN cost at every inversion step is still in the step's losses, where the engine's NaN stop sees
+    it (no step is ever "best", which used to leave the losses empty)."""
+    teacher = load_teacher(bn_teacher)[0]
+    next(m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)).running_var.fill_(float("nan"))
+    _, terms = _method("deepinv", teacher).synthesize()
+    assert math.isnan(float(terms["loss/synthesis"])) and math.isnan(float(terms["loss/bn"]))
+
+
 def test_bn_methods_refuse_a_teacher_without_batchnorm(tiny_teacher: Path) -> None:
     teacher = load_teacher(tiny_teacher)[0]
     for name in ("dfq", "deepinv", "tadfkd"):

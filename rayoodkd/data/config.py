@@ -35,6 +35,11 @@ SplitFractions = tuple[float, float, float]
 SPLIT_FRACTIONS_TOLERANCE = 1e-6
 
 
+def is_glob(path: str) -> bool:
+    """Whether a source path is a glob pattern (read as parquet files) rather than one file or folder."""
+    return any(char in path for char in "*?[")
+
+
 def check_split(fmt: str, split: str | None) -> None:
     """Raise ``ValueError`` naming ``split`` and its allowed values if ``split`` is invalid for ``fmt``."""
     allowed = SPLITS_BY_FORMAT.get(fmt)

@@ -37,13 +37,12 @@ import numpy as np
 import PIL
 
 from rayoodkd.data.builtin import FORMAT_VERSION, GENERATED_SOURCES, cache_root
-from rayoodkd.data.config import Corpus, corpus_members
+from rayoodkd.data.config import Corpus, corpus_members, is_glob
 from rayoodkd.storage import is_remote
 
 # Bump when decode_batch's output for the same input changes.
 DECODED_VERSION = 1
 COLUMNS = ("image", "label", "corrupt")
-_GLOB_CHARS = ("*", "?", "[")
 _STALE_TMP_SECONDS = 24 * 3600
 
 
@@ -87,7 +86,7 @@ def _file_stamps(source: str) -> list[tuple[str, int, int]] | None:
         return None
     path = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
     try:
-        if any(char in path for char in _GLOB_CHARS) or os.path.isfile(path):
+        if is_glob(path) or os.path.isfile(path):
             # A glob or a single file: its directory's entries (an IDX images file's labels file with them).
             parent = os.path.dirname(path)
             entries = [parent, *(os.path.join(parent, name) for name in os.listdir(parent))]

@@ -27,13 +27,19 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray
 
 from rayoodkd.data.builtin import GENERATED_SOURCES, LETTERS, materialize_builtin
-from rayoodkd.data.config import SPLIT_PARTS, Corpus, CorpusConfig, check_archive_split, check_split
+from rayoodkd.data.config import (
+    SPLIT_PARTS,
+    Corpus,
+    CorpusConfig,
+    check_archive_split,
+    check_split,
+    is_glob,
+)
 from rayoodkd.data.decode import _labels, decode_batch
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm")
 DECODE_BATCH_SIZE = 256
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 _IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$", re.IGNORECASE)
 _CIFAR10_TRAIN = re.compile(r"data_batch_(\d+)$")
 _CIFAR_DIRS = ("cifar-10-batches-py", "cifar-100-python")
@@ -66,7 +72,7 @@ def _is_visible(info: pafs.FileInfo) -> bool:
 def _detect(fs: pafs.FileSystem, path: str) -> str:
     """Guess the format of a non-builtin source (see ``CorpusConfig``)."""
     name = posixpath.basename(path.rstrip("/")).lower()
-    if _GLOB_CHARS.search(path):
+    if is_glob(path):
         return "parquet"
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -107,7 +113,7 @@ def resolve_format(cfg: CorpusConfig) -> str:
     if cfg.is_builtin:
         return "builtin"
     fs, path = filesystem_and_path(cfg.source)
-    if not _GLOB_CHARS.search(path) and fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not is_glob(path) and fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"source: path not found: {cfg.source}")
     fmt = _detect(fs, path) if cfg.format == "auto" else cfg.format
     check_split(fmt, cfg.source_split)
@@ -375,7 +381,7 @@ def corpus_summary(ds: ray.data.Dataset) -> dict[str, Any]:
 
 
 def parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    if _GLOB_CHARS.search(path):
+    if is_glob(path):
         parent, pattern = posixpath.split(path)
         regex = re.compile(fnmatch.translate(pattern))
         files = [e.path for e in _listdir(fs, parent) if e.is_file and regex.fullmatch(e.base_name)]

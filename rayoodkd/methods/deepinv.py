@@ -158,7 +158,9 @@ class DeepInversion(Method):
                     + cfg.tv * loss_tv
                     + cfg.l2 * loss_l2
                 )
-                if loss.item() < best_cost:
+                # A non-finite first cost is still recorded, so the engine's NaN stop sees it in the logged
+                # losses instead of an empty dict.
+                if loss.item() < best_cost or not best_terms:
                     best_cost, best_inputs = loss.item(), inputs.detach().clone()
                     best_terms = {
                         "loss/synthesis": loss.detach(),
