@@ -43,3 +43,30 @@ def test_the_ingest_bench_writes_the_same_cifar_shaped_pngs_to_a_folder_and_parq
     images = [Image.open(io.BytesIO(data)) for data in rows]
     assert {(image.size, image.mode) for image in images} == {((32, 32), "RGB")}
     assert len({image.tobytes() for image in images}) == 12  # crops of different places and scales
+
+
+def test_the_panel_report_takes_the_worst_held_out_teacher_and_the_synthesis_rate(
+    monkeypatch, capsys, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import teacher_panel
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def run(top1: float, wall: float = 100.0, **extra: float) -> dict[str, float]:
+        figures = {"test/top1_at_best_val": top1, "summary/wall_seconds": wall, "teacher/test_top1": 98.0}
+        return figures | extra
+
+    finished = {
+        "mnist-dfq": [("lenet5_bn", run(96)), ("resnet8", run(50)), ("resnet8", run(60))],
+        "mnist-tadfkd": [("lenet5_bn", run(90)), ("resnet8", run(70)), ("resnet8", run(72))],
+        "mnist-deepinv": [("lenet5_bn", run(94, wall=400, **{"pool/size": 3200.0}))],
+    }
+    monkeypatch.setattr(teacher_panel, "_finished", lambda method, *_: finished[method])
+    teacher_panel.report(list(finished), ["lenet5_bn", "resnet8"], [0, 1], tmp_path, [])
+    out = capsys.readouterr().out
+    assert "| resnet8 | held out | 98.00 | 55.00 ± 7.07 | 71.00 ± 1.41 | – |" in out
+    assert "| **worst held-out teacher** | | | 55.00 (resnet8) | 71.00 (resnet8) | – |" in out
+    assert "| **images synthesised per s of wall time** | | | – | – | 8.0 |" in out
+    assert "+16.00 points (goal >= +5): holds." in out
