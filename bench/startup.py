@@ -2,6 +2,7 @@
 
     python bench/startup.py                         # the demo, 3 runs after one that warms the caches
     python bench/startup.py --config mnist-mosaickd-letters --runs 2 num_workers=1
+    python bench/startup.py --submit --runs 2       # `ray job submit` to a running local cluster
 
 Each run is ``python -m rayoodkd.train --config CONFIG max_steps=2 eval.every=2`` in a fresh process and its
 own storage (a new MLflow store each time, as a first run in a new directory has). The warm-up run fills the
@@ -12,17 +13,30 @@ breakdown is the run's own account (MLflow tags ``startup/*``; ``total`` counts 
 driver's checks, Ray start, corpus materialisation and MLflow run, the worker group's start (Ray Train
 workers, their imports, the process group), the worker's set-up, its evaluation sets, the teacher's test
 accuracy and the first step itself.
+
+``--submit`` times what a user of a running cluster waits for: a head node is started once with
+``clusters/local.sh up`` (2 CPUs, no worker node, token authentication as that script sets it; not timed),
+then every run is ``ray job submit --working-dir REPO -- python -m rayoodkd.train ...`` through
+``clusters/local.sh submit``, timed from the submit command to the job's first-step line (the upload of the
+working dir, the job's driver start and its log streaming included); ``ray`` is then the time to join the
+cluster. The cluster is torn down at the end, even on failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+LOCAL_SH = Path(__file__).resolve().parents[1] / "clusters" / "local.sh"
 
 PHASES = (
     "total",
@@ -38,14 +52,51 @@ PHASES = (
 )
 
 
-def one_run(config: str, overrides: list[str], storage: Path) -> dict[str, float]:
-    """One run in a fresh process -> {"command": wall s to the first step line, phase: s, ...}."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_cluster() -> Iterator[dict[str, str]]:
+    """A running one-node cluster from clusters/local.sh (free ports, its own short temp dir) -> the
+    environment that ``local.sh submit`` needs; torn down on exit."""
+    env = {
+        **os.environ,
+        # `ray` and the job's `python` are this interpreter's, as with an activated venv.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Ray's unix socket paths must stay under 107 bytes: a short temp dir.
+        "RAYOODKD_LOCAL_DIR": tempfile.mkdtemp(prefix="rk-", dir="/tmp"),
+        "NUM_WORKERS": "0",
+        "HEAD_CPUS": "2",
+        "GCS_PORT": str(_free_port()),
+        "DASHBOARD_PORT": str(_free_port()),
+        "CLIENT_PORT": str(_free_port()),
+        "AGENT_PORT_BASE": str(_free_port()),
+    }
+    subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, check=True)
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, check=False)
+
+
+def one_run(
+    config: str, overrides: list[str], storage: Path, cluster: dict[str, str] | None = None
+) -> dict[str, float]:
+    """One run in a fresh process (or a job on ``cluster``) -> {"command": wall s to the first step line,
+    phase: s, ...}."""
     from mlflow.tracking import MlflowClient
 
-    command = [sys.executable, "-m", "rayoodkd.train", "--config", config, "max_steps=2", "eval.every=2"]
-    command += [*overrides, f"storage_path={storage}", "run_name=startup", "system_metrics=false"]
+    train = ["python", "-m", "rayoodkd.train", "--config", config, "max_steps=2", "eval.every=2"]
+    train += [*overrides, f"storage_path={storage}", "run_name=startup", "system_metrics=false"]
+    if cluster is None:
+        command, env = [sys.executable, *train[1:]], None
+    else:
+        command, env = ["bash", str(LOCAL_SH), "submit", "--", *train], cluster
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     first_step = None
     for line in process.stdout:
         if first_step is None and "first step" in line and "after launch" in line:
@@ -64,12 +115,19 @@ def main() -> None:
     )
     parser.add_argument("--config", default="demo")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up run")
+    parser.add_argument(
+        "--submit", action="store_true", help="submit every run as a job to a running local cluster"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="rayoodkd-startup-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="rayoodkd-startup-") as scratch,
+        local_cluster() if args.submit else nullcontext() as cluster,
+    ):
         for index in range(args.runs + 1):
-            row = one_run(args.config, args.overrides, Path(scratch) / f"run{index}")
+            storage = Path(scratch) / f"run{index}"
+            row = one_run(args.config, args.overrides, storage, cluster)
             print(
                 ("warm-up " if index == 0 else f"run {index}   ")
                 + "  ".join(f"{k} {v:.1f}" for k, v in row.items())
