@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 LOCAL_SH = Path(__file__).resolve().parents[1] / "clusters" / "local.sh"
@@ -52,34 +53,40 @@ PHASES = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (each socket stays bound until all are chosen)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 @contextmanager
 def local_cluster() -> Iterator[dict[str, str]]:
     """A running one-node cluster from clusters/local.sh (free ports, its own short temp dir) -> the
     environment that ``local.sh submit`` needs; torn down on exit."""
+    gcs, dashboard, client, agent = _free_ports(4)
     env = {
         **os.environ,
-        # `ray` and the job's `python` are this interpreter's, as with an activated venv.
+        # `ray` is this interpreter's, as with an activated venv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         # Ray's unix socket paths must stay under 107 bytes: a short temp dir.
         "RAYOODKD_LOCAL_DIR": tempfile.mkdtemp(prefix="rk-", dir="/tmp"),
         "NUM_WORKERS": "0",
         "HEAD_CPUS": "2",
-        "GCS_PORT": str(_free_port()),
-        "DASHBOARD_PORT": str(_free_port()),
-        "CLIENT_PORT": str(_free_port()),
-        "AGENT_PORT_BASE": str(_free_port()),
+        "GCS_PORT": str(gcs),
+        "DASHBOARD_PORT": str(dashboard),
+        "CLIENT_PORT": str(client),
+        "AGENT_PORT_BASE": str(agent),
     }
-    subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, check=True)
     try:
+        subprocess.run(["bash", str(LOCAL_SH), "up"], env=env, check=True)
         yield env
     finally:
+        # `down` also stops a head that `up` left half started.
         subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, check=False)
+        shutil.rmtree(env["RAYOODKD_LOCAL_DIR"], ignore_errors=True)
 
 
 def one_run(
@@ -89,10 +96,10 @@ def one_run(
     phase: s, ...}."""
     from mlflow.tracking import MlflowClient
 
-    train = ["python", "-m", "rayoodkd.train", "--config", config, "max_steps=2", "eval.every=2"]
+    train = [sys.executable, "-m", "rayoodkd.train", "--config", config, "max_steps=2", "eval.every=2"]
     train += [*overrides, f"storage_path={storage}", "run_name=startup", "system_metrics=false"]
     if cluster is None:
-        command, env = [sys.executable, *train[1:]], None
+        command, env = train, None
     else:
         command, env = ["bash", str(LOCAL_SH), "submit", "--", *train], cluster
     started = time.perf_counter()

@@ -98,7 +98,9 @@ def report(
 ) -> None:
     """The panel table of the finished runs: test top-1 at best val per method and teacher (mean ± std over
     seeds), then per method: mean and spread over the teachers, the worst held-out teacher, the mean gap to
-    the held-out teachers, wall time; then the claim (TA-DFKD's worst held-out case >= DFQ's + 5)."""
+    the held-out teachers, wall time and, for a method with a pool, the images it synthesised per second of
+    wall time (from ``pool/size``, so a run that filled its pool counts only ``pool_size``); then the claim
+    (TA-DFKD's worst held-out case >= DFQ's + 5)."""
     scores: dict[str, dict[str, list[float]]] = {}
     walls: dict[str, list[float]] = {}
     synthesis_rates: dict[str, list[float]] = {}

@@ -1,4 +1,5 @@
-"""The bench scripts that tests can afford: bench/gpu.py at a tiny size on CPU, bench/ingest.py's corpora."""
+"""The bench scripts that tests can afford: bench/gpu.py at a tiny size on CPU, bench/ingest.py's corpora, the
+teacher panel's report."""
 
 from __future__ import annotations
 
