@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -74,6 +75,7 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
         assert "succeeded" in output.lower()
     finally:
         subprocess.run(["bash", str(LOCAL_SH), "down"], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(env["RAYOODKD_LOCAL_DIR"], ignore_errors=True)
     summary = json.loads(summary_path.read_text())
     assert summary["steps"] == 6 and summary["num_workers"] == 2
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
