@@ -49,9 +49,9 @@ def _label(process: psutil.Process) -> str:
     return command[0].split(" ")[0].split("/")[-1]
 
 
-def cpu_seconds(process: subprocess.Popen, marks: dict[str, threading.Event], every: float = 0.2) -> dict:
+def cpu_seconds(process: subprocess.Popen, reached: dict[str, float], every: float = 0.2) -> dict:
     """Sample ``process`` and its descendants until it exits -> {mark: CPU seconds (user + system) per kind,
-    summed when the mark's event was first seen set}."""
+    summed at the first sample after another thread put the mark into ``reached``}."""
     last: dict[int, tuple[str, float]] = {}
     snapshots: dict[str, Counter] = {}
     root = psutil.Process(process.pid)
@@ -66,8 +66,8 @@ def cpu_seconds(process: subprocess.Popen, marks: dict[str, threading.Event], ev
                 last[member.pid] = (_label(member), sum(member.cpu_times()[:2]))
             except psutil.Error:
                 continue
-        for mark, event in marks.items():
-            if event.is_set() and mark not in snapshots:
+        for mark in list(reached):
+            if mark not in snapshots:
                 snapshots[mark] = Counter()
                 for label, seconds in last.values():
                     snapshots[mark][label] += seconds
@@ -84,7 +84,6 @@ def one_run(config: str, steps: int, workers: int, threads: int, extra: list[str
     command += [f"summary_json={summary}", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
-    marks = {"first step": threading.Event(), "last step": threading.Event()}
     seen: dict[str, float] = {}
 
     def read() -> None:
@@ -92,16 +91,14 @@ def one_run(config: str, steps: int, workers: int, threads: int, extra: list[str
             output.append(line)
             if "first step" in line and "after launch" in line:
                 seen.setdefault("first step", time.perf_counter())
-                marks["first step"].set()
             if f"step {steps}/{steps} " in line:
                 seen.setdefault("last step", time.perf_counter())
-                marks["last step"].set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    cpu = cpu_seconds(process, marks)
+    cpu = cpu_seconds(process, seen)
     reader.join()
-    if process.returncode != 0 or set(cpu) != set(marks):
+    if process.returncode != 0 or set(cpu) != {"first step", "last step"}:
         raise SystemExit(f"failed or no first/last step line: {' '.join(command)}\n{''.join(output)[-4000:]}")
     training = cpu["last step"] - cpu["first step"]
     return json.loads(summary.read_text()) | {"cpu": training, "wall": seen["last step"] - seen["first step"]}

@@ -160,8 +160,9 @@ class DeepInversion(Method):
                 )
                 # A non-finite first cost is still recorded, so the engine's NaN stop sees it in the logged
                 # losses instead of an empty dict.
-                if loss.item() < best_cost or not best_terms:
-                    best_cost, best_inputs = loss.item(), inputs.detach().clone()
+                cost = loss.item()
+                if cost < best_cost or not best_terms:
+                    best_cost, best_inputs = cost, inputs.detach().clone()
                     best_terms = {
                         "loss/synthesis": loss.detach(),
                         "loss/bn": loss_bn.detach(),
