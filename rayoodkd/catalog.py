@@ -50,6 +50,7 @@ TOP_LEVEL_KEYS = (
     "log_every",
     "system_metrics",
     "ray_logs",
+    "ray_dashboard",
     "init_from",
     "stop_after",
 )

@@ -265,6 +265,11 @@ class BaseRunConfig(Section):
     ray_logs: bool = Field(
         False, description="show Ray's own console output (Ray Data plans, Train reports, worker logs)"
     )
+    ray_dashboard: bool = Field(
+        False,
+        description="start Ray's dashboard with the Ray instance this command starts itself (a cluster keeps "
+        "its own); off, Ray's processes take less of the cores that train",
+    )
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     data: DataConfig = DataConfig()

@@ -285,6 +285,19 @@ def _train_in_driver(
     return session.last_metrics, session.last_checkpoint or ""
 
 
+def start_local_ray(*, dashboard: bool) -> None:
+    """Start the Ray instance of a command that found none (a cluster keeps its own settings).
+
+    It runs on this one machine, which nobody preempts: Ray Train's preemption watcher would be one more actor
+    to start (2 s of the demo's start-up on 2 cores). The dashboard's processes take CPU from the cores that
+    train (docs/benchmarks.md, issue #19 goal 3), so it starts only when asked for.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(configure_logging=False, log_to_driver=True, include_dashboard=dashboard)
+
+
 def launch(
     cfg: BaseRunConfig,
     *,
@@ -310,11 +323,7 @@ def launch(
     _, info = read_teacher(teacher_path)
     phases.lap("checks")
     if not ray.is_initialized():
-        # A Ray instance this command starts itself (a cluster keeps its own setting) runs on this one
-        # machine, which nobody preempts: Ray Train's preemption watcher would be one more actor to start
-        # (2 s of the demo's start-up on 2 cores, docs/benchmarks.md).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(configure_logging=False, log_to_driver=True)
+        start_local_ray(dashboard=cfg.ray_dashboard)
         if not cfg.ray_logs:
             show_only_marked_worker_lines()
     phases.lap("ray")

@@ -331,13 +331,16 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
 
 
 @pytest.mark.ray
-def test_ctrl_c_ends_the_run_killed_with_one_line_and_keeps_it_resumable(
+def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_and_resumable(
     tmp_path: Path, tiny_teacher: Path
 ) -> None:
+    import contextlib
     import os
     import signal
     import subprocess
     import sys
+
+    import psutil
 
     storage = tmp_path / "runs"
     argv = [sys.executable, "-m", "rayoodkd.train", *_overrides(tmp_path, tiny_teacher, "num_workers=1")]
@@ -346,6 +349,12 @@ def test_ctrl_c_ends_the_run_killed_with_one_line_and_keeps_it_resumable(
     deadline = time.monotonic() + 240
     while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
         time.sleep(1)
+    started = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
+            started.append(" ".join(child.cmdline()))
+    assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
+    assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
     os.kill(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
