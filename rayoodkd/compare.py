@@ -299,7 +299,7 @@ def run_compare(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
-    from rayoodkd.launch import start_local_ray
+    from rayoodkd.launch import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.tune import trials_that_fit
 
@@ -347,7 +347,7 @@ def run_compare(
         ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
     quiet_python_loggers()
     if not ray.is_initialized():
-        start_local_ray(dashboard=first.ray_dashboard)
+        start_or_join_ray(first.ray_dashboard, trials=True)
         show_only_marked_worker_lines()
     quiet_python_loggers()  # again: importing Ray Data and Tune configures their loggers
     compare = {

@@ -265,10 +265,11 @@ class BaseRunConfig(Section):
     ray_logs: bool = Field(
         False, description="show Ray's own console output (Ray Data plans, Train reports, worker logs)"
     )
-    ray_dashboard: bool = Field(
-        False,
-        description="start Ray's dashboard with the Ray instance this command starts itself (a cluster keeps "
-        "its own); off, Ray's processes take less of the cores that train",
+    ray_dashboard: bool | None = Field(
+        None,
+        description="Ray's dashboard in a Ray instance the command starts itself (a cluster keeps its own); "
+        "null: off for one run (its processes take CPU from training), on for tune and compare (Ray Train "
+        "frees a dead trial's resources through it; compare takes the first configuration's value)",
     )
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()

@@ -285,17 +285,24 @@ def _train_in_driver(
     return session.last_metrics, session.last_checkpoint or ""
 
 
-def start_local_ray(*, dashboard: bool) -> None:
-    """Start the Ray instance of a command that found none (a cluster keeps its own settings).
+def start_or_join_ray(dashboard: bool | None, *, trials: bool) -> None:
+    """Connect this command to Ray: the cluster at ``RAY_ADDRESS`` or one ``ray start`` began on this machine
+    (which keep their own settings), else a Ray instance of its own, on this machine, ending with it.
 
-    It runs on this one machine, which nobody preempts: Ray Train's preemption watcher would be one more actor
-    to start (2 s of the demo's start-up on 2 cores). The dashboard's processes take CPU from the cores that
-    train (docs/benchmarks.md, issue #19 goal 3), so it starts only when asked for.
+    ``dashboard`` (the config's ``ray_dashboard``) decides whether that instance runs Ray's dashboard;
+    ``None`` starts it only for a command that runs ``trials`` (sweeps, comparisons): Ray Train's
+    placement-group cleaner asks the dashboard's state API whether a stopped trial's controller still lives,
+    and without it a long-lived instance keeps the resources of trials that died. A single run's instance
+    ends with the run, and the dashboard's processes would only take CPU from the cores that train
+    (docs/benchmarks.md, issue #19 goal 3).
     """
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(configure_logging=False, log_to_driver=True, include_dashboard=dashboard)
+    include_dashboard = trials if dashboard is None else dashboard
+    ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
+    if getattr(ray._private.worker._global_node, "head", False):  # started here: nobody preempts it
+        # Ray Train's preemption watcher would be one more actor to start (2 s of the demo's start-up).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def launch(
@@ -323,7 +330,7 @@ def launch(
     _, info = read_teacher(teacher_path)
     phases.lap("checks")
     if not ray.is_initialized():
-        start_local_ray(dashboard=cfg.ray_dashboard)
+        start_or_join_ray(cfg.ray_dashboard, trials=False)
         if not cfg.ray_logs:
             show_only_marked_worker_lines()
     phases.lap("ray")

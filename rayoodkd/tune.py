@@ -461,7 +461,7 @@ def run_sweep(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
     from rayoodkd.engine.tracking import Tracker
-    from rayoodkd.launch import start_local_ray
+    from rayoodkd.launch import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
 
     cfg = build_config(base)
@@ -507,7 +507,7 @@ def run_sweep(
     if not cfg.ray_logs:
         quiet_python_loggers()
     if not ray.is_initialized():
-        start_local_ray(dashboard=cfg.ray_dashboard)
+        start_or_join_ray(cfg.ray_dashboard, trials=True)
         if not cfg.ray_logs:
             show_only_marked_worker_lines()  # the trials' progress lines and Tune's tables, not Ray's chatter
     sweep = {

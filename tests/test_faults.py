@@ -349,6 +349,7 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
     deadline = time.monotonic() + 240
     while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
         time.sleep(1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
     started = []
     for child in psutil.Process(process.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile

@@ -87,3 +87,39 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
     assert all("img/s" in line for line in progress)
     for noise in ("Execution plan", "TrainingReport", "Reporting training result", "(RayTrainWorker"):
         assert noise not in output, noise
+
+
+@pytest.mark.parametrize(
+    ("ray_dashboard", "trials", "started_here", "dashboard", "watcher"),
+    [
+        (None, False, True, False, "0"),  # one run on an instance of its own: no dashboard, no watcher
+        (None, True, True, True, "0"),  # a sweep's long-lived instance keeps the dashboard (Train's cleaner)
+        (True, False, True, True, "0"),
+        (None, False, False, False, None),  # a cluster it joins keeps its own settings
+    ],
+)
+def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+    ray_dashboard: bool | None,
+    trials: bool,
+    started_here: bool,
+    dashboard: bool,
+    watcher: str | None,
+) -> None:
+    from types import SimpleNamespace
+
+    import ray
+
+    from rayoodkd.launch import start_or_join_ray
+
+    calls = []
+
+    def init(**kwargs: object) -> None:
+        calls.append(kwargs)
+        monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=started_here))
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    start_or_join_ray(ray_dashboard, trials=trials)
+    assert [call["include_dashboard"] for call in calls] == [dashboard]
+    assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == watcher
