@@ -346,18 +346,25 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
     argv = [sys.executable, "-m", "rayoodkd.train", *_overrides(tmp_path, tiny_teacher, "num_workers=1")]
     argv += ["run_name=ctrlc", "max_steps=100000", "eval.every=10"]
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 240
-    while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    started = []
-    for child in psutil.Process(process.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
-            started.append(" ".join(child.cmdline()))
+    started: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
+                started.append(" ".join(child.cmdline()))
+        os.kill(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:  # never leave the run (and the Ray instance it started) training after a failure
+        if process.poll() is None:
+            driver = psutil.Process(process.pid)
+            for member in [*driver.children(recursive=True), driver]:
+                with contextlib.suppress(psutil.Error):
+                    member.kill()
     assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
     assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
-    os.kill(process.pid, signal.SIGINT)
-    _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     ours = [
         line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+", line)
