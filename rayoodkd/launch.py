@@ -298,11 +298,17 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool) -> None:
     """
     import ray
 
+    # An instance started here runs on this one machine, which nobody preempts: Ray Train's preemption watcher
+    # would be one more actor to start (2 s of the demo's start-up). Set before ray.init, since the processes
+    # its raylet starts (a sweep's trials, which start the trainers) take their environment from it.
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    watcher_ours = watcher not in os.environ
+    if watcher_ours:
+        os.environ[watcher] = "0"
     include_dashboard = trials if dashboard is None else dashboard
     ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
-    if getattr(ray._private.worker._global_node, "head", False):  # started here: nobody preempts it
-        # Ray Train's preemption watcher would be one more actor to start (2 s of the demo's start-up).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
+        del os.environ[watcher]  # joined a cluster: it keeps its own setting
 
 
 def launch(

@@ -350,6 +350,8 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
     try:
         deadline = time.monotonic() + 240
         while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
             time.sleep(1)
         assert process.poll() is None, process.communicate()[1][-2000:]
         for child in psutil.Process(process.pid).children(recursive=True):
@@ -363,6 +365,7 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
             for member in [*driver.children(recursive=True), driver]:
                 with contextlib.suppress(psutil.Error):
                     member.kill()
+            process.communicate()
     assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
     assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
     assert process.returncode == 130, err[-2000:]

@@ -115,11 +115,27 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
     calls = []
 
     def init(**kwargs: object) -> None:
-        calls.append(kwargs)
+        # what the instance's raylet (and so a sweep's trials) would inherit
+        calls.append({**kwargs, "watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")})
         monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=started_here))
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     start_or_join_ray(ray_dashboard, trials=trials)
     assert [call["include_dashboard"] for call in calls] == [dashboard]
+    assert [call["watcher"] for call in calls] == ["0"]
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == watcher
+
+
+def test_a_command_keeps_a_preemption_watcher_setting_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import ray
+
+    from rayoodkd.launch import start_or_join_ray
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=True))
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    start_or_join_ray(None, trials=False)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
