@@ -90,12 +90,13 @@ def test_job_submit_runs_a_training_run(tmp_path: Path, tiny_teacher: Path) -> N
 
 
 @pytest.mark.parametrize(
-    ("ray_dashboard", "trials", "started_here", "dashboard", "watcher"),
+    ("ray_dashboard", "trials", "started_here", "given", "dashboard", "watcher"),
     [
-        (None, False, True, False, "0"),  # one run on an instance of its own: no dashboard, no watcher
-        (None, True, True, True, "0"),  # a sweep's long-lived instance keeps the dashboard (Train's cleaner)
-        (True, False, True, True, "0"),
-        (None, False, False, False, None),  # a cluster it joins keeps its own settings
+        (None, False, True, None, False, "0"),  # one run on an instance of its own: no dashboard, no watcher
+        (None, True, True, None, True, "0"),  # a sweep's long-lived instance keeps the dashboard
+        (True, False, True, None, True, "0"),
+        (None, False, False, None, False, None),  # a cluster it joins keeps its own settings
+        (None, False, True, "1", False, "1"),  # a watcher setting the user gave is kept
     ],
 )
 def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_is(
@@ -103,6 +104,7 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
     ray_dashboard: bool | None,
     trials: bool,
     started_here: bool,
+    given: str | None,
     dashboard: bool,
     watcher: str | None,
 ) -> None:
@@ -121,21 +123,9 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    if given is not None:
+        monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", given)
     start_or_join_ray(ray_dashboard, trials=trials)
     assert [call["include_dashboard"] for call in calls] == [dashboard]
-    assert [call["watcher"] for call in calls] == ["0"]
+    assert [call["watcher"] for call in calls] == [given or "0"]
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == watcher
-
-
-def test_a_command_keeps_a_preemption_watcher_setting_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
-    import ray
-
-    from rayoodkd.launch import start_or_join_ray
-
-    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
-    monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=True))
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
-    start_or_join_ray(None, trials=False)
-    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
