@@ -23,7 +23,7 @@ from typing import Any
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, show_only_marked_worker_lines
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
-from rayoodkd.engine.tracking import Tracker
+from rayoodkd.engine.tracking import Tracker, open_store_in_background
 from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
@@ -335,6 +335,7 @@ def launch(
     teacher_path, tracking_uri = preflight(cfg, log)
     _, info = read_teacher(teacher_path)
     phases.lap("checks")
+    store_opened = open_store_in_background(tracking_uri)  # while Ray starts; no run exists before the checks
     if not ray.is_initialized():
         start_or_join_ray(cfg.ray_dashboard, trials=False)
         if not cfg.ray_logs:
@@ -352,6 +353,7 @@ def launch(
     datasets, corrupt_images, stream_rows = _datasets(cfg, info)
     phases.lap("data")
     tags = {"method": cfg.method, **(mlflow_tags or {})}
+    store_opened.result()
     tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, storage, tags)
     phases.lap("mlflow")
     log(

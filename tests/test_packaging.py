@@ -109,6 +109,21 @@ assert not heavy, f"--help imported {heavy}"
     assert text.startswith("usage: rayoodkd") and all(c.summary in text for c in cli.COMMANDS.values())
 
 
+def test_a_run_imports_sklearn_only_for_ta_dfkd() -> None:
+    """The driver (launch) and every Ray worker (the training loop) import all methods; scikit-learn costs
+    ~1 s to import there and only TA-DFKD's GMM uses it (docs/benchmarks.md, start-up)."""
+    code = """
+import sys
+import torch
+import rayoodkd.engine.loop, rayoodkd.launch
+assert "sklearn" not in sys.modules
+from rayoodkd.methods.tadfkd import gmm_select
+assert gmm_select(torch.tensor([0.1, 0.12, 0.9, 0.95]), 0.5, 0).mask.tolist() == [True, True, False, False]
+print("lazy ok")
+"""
+    assert "lazy ok" in _run([sys.executable, "-c", code], ROOT)
+
+
 def test_help_lists_each_command_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         cli.main(["--help"])

@@ -37,7 +37,7 @@ from rayoodkd.engine.evaluation import EvalSet, score
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
-from rayoodkd.engine.tracking import Tracker
+from rayoodkd.engine.tracking import Tracker, open_store_in_background
 from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
 from rayoodkd.storage import read_json, write_json
@@ -180,6 +180,10 @@ class Worker:
         self.session = session
         self.console_label = loop_config.get("console_label")
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
+        run_id = loop_config.get("mlflow_run_id")
+        store_opened = (
+            open_store_in_background(loop_config["tracking_uri"]) if self.rank == 0 and run_id else None
+        )
         self.teacher, self.teacher_info = load_teacher(loop_config["teacher_path"], self.device)
         self.generator = _seed_rank(self.cfg.seed, self.rank, self.device)
         self.ctx = run_context(
@@ -239,8 +243,9 @@ class Worker:
         stopped = read_json(self.nonfinite_marker) or {}
         if self.launched_at is not None and stopped.get("launched_at") == self.launched_at:
             raise NonFiniteLoss(stopped["message"])
-        run_id = loop_config.get("mlflow_run_id")
-        self.tracker = Tracker(loop_config["tracking_uri"], run_id) if self.rank == 0 and run_id else None
+        if store_opened is not None:
+            store_opened.result()
+        self.tracker = Tracker(loop_config["tracking_uri"], run_id) if store_opened is not None else None
         # Steps an earlier attempt logged after its last checkpoint are re-run but not logged twice; training
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0

@@ -11,6 +11,7 @@ import math
 import os
 import shlex
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,19 @@ def default_tracking_uri(storage_path: str) -> str:
     root = local_path(storage_path)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def open_store_in_background(tracking_uri: str) -> Future[None]:
+    """Connect this process to the tracking store in a thread, creating a new sqlite store's tables.
+
+    That is 0.7 s of SQLAlchemy and schema checks for an existing store and 1.5 s for a new one, which the
+    caller overlaps with other start-up work: MLflow keeps the store per URI, so the clients made after
+    ``.result()`` (which re-raises what failed) find it ready (docs/benchmarks.md, start-up).
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
+    opened = pool.submit(lambda: MlflowClient(tracking_uri)._tracking_client.store and None)
+    pool.shutdown(wait=False)
+    return opened
 
 
 def source_tags() -> dict[str, str]:

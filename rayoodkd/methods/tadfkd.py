@@ -43,8 +43,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 from torch import Tensor, nn
 
 from rayoodkd.augment import augment_batch
@@ -129,6 +127,10 @@ def gmm_select(losses: Tensor, threshold: float, random_state: int) -> Selection
     if len(values) < 2 or span <= 1e-12:
         ones = torch.ones(len(values), dtype=torch.bool, device=losses.device)
         return Selection(ones, ones.float(), 0.0, 0.0)
+    # Imported here: scikit-learn takes ~1 s to import, in the driver and every worker of any method.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
     normalised = ((values - values.min()) / span).reshape(-1, 1)
     gmm = GaussianMixture(**GMM_SETTINGS, random_state=random_state)
     with warnings.catch_warnings():
