@@ -294,10 +294,9 @@ def run_compare(
     """Run (or resume) every cell, then aggregate; see the module doc. ``max_concurrent`` caps the runs at
     once (1: one at a time, for wall times measured on an otherwise idle machine); ``metrics`` adds
     columns."""
-    import ray
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.launch import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
@@ -343,12 +342,11 @@ def run_compare(
     for cell in cells:
         cfg = build_config(cell.config)
         teachers.setdefault(cfg.teacher.model_dump_json(), cfg)
+    quiet_python_loggers()
+    # Before the teachers: their recipes read corpora through Ray Data, which would start Ray its own way.
+    start_or_join_ray(first.ray_dashboard, trials=True, ray_logs=first.ray_logs)
     for cfg in teachers.values():
         ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
-    quiet_python_loggers()
-    if not ray.is_initialized():
-        start_or_join_ray(first.ray_dashboard, trials=True)
-        show_only_marked_worker_lines()
     quiet_python_loggers()  # again: importing Ray Data and Tune configures their loggers
     compare = {
         "name": name,

@@ -11,6 +11,7 @@ would mistake for a resumable run (docs/reliability.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from typing import Any
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, show_only_marked_worker_lines
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
-from rayoodkd.engine.tracking import Tracker, open_store_in_background
+from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
@@ -285,9 +286,11 @@ def _train_in_driver(
     return session.last_metrics, session.last_checkpoint or ""
 
 
-def start_or_join_ray(dashboard: bool | None, *, trials: bool) -> None:
-    """Connect this command to Ray: the cluster at ``RAY_ADDRESS`` or one ``ray start`` began on this machine
-    (which keep their own settings), else a Ray instance of its own, on this machine, ending with it.
+def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -> None:
+    """Connect this command to Ray, unless it is connected already: the cluster at ``RAY_ADDRESS`` or one
+    ``ray start`` began on this machine (which keep their own settings), else a Ray instance of its own, on
+    this machine, ending with it. Unless ``ray_logs``, the console then shows only rayoodkd's lines of the
+    Ray workers (progress, not Ray's chatter).
 
     ``dashboard`` (the config's ``ray_dashboard``) decides whether that instance runs Ray's dashboard;
     ``None`` starts it only for a command that runs ``trials`` (sweeps, comparisons): Ray Train's
@@ -298,6 +301,8 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool) -> None:
     """
     import ray
 
+    if ray.is_initialized():
+        return
     # An instance started here runs on this one machine, which nobody preempts: Ray Train's preemption watcher
     # would be one more actor to start (2 s of the demo's start-up). Set before ray.init, since the processes
     # its raylet starts (a sweep's trials, which start the trainers) take their environment from it.
@@ -309,6 +314,8 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool) -> None:
     ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
     if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
         del os.environ[watcher]  # joined a cluster: it keeps its own setting
+    if not ray_logs:
+        show_only_marked_worker_lines()
 
 
 def launch(
@@ -332,14 +339,11 @@ def launch(
     phases = Phases()
     if not cfg.ray_logs:
         quiet_python_loggers()
-    teacher_path, tracking_uri = preflight(cfg, log)
+    start_ray = functools.partial(start_or_join_ray, cfg.ray_dashboard, trials=False, ray_logs=cfg.ray_logs)
+    teacher_path, tracking_uri = preflight(cfg, log, before_teacher_training=start_ray)
     _, info = read_teacher(teacher_path)
     phases.lap("checks")
-    store_opened = open_store_in_background(tracking_uri)  # while Ray starts; no run exists before the checks
-    if not ray.is_initialized():
-        start_or_join_ray(cfg.ray_dashboard, trials=False)
-        if not cfg.ray_logs:
-            show_only_marked_worker_lines()
+    start_ray()
     phases.lap("ray")
     if not cfg.ray_logs:
         quiet_python_loggers()  # again: importing Ray Data configures its loggers
@@ -353,7 +357,6 @@ def launch(
     datasets, corrupt_images, stream_rows = _datasets(cfg, info)
     phases.lap("data")
     tags = {"method": cfg.method, **(mlflow_tags or {})}
-    store_opened.result()
     tracker, previous_status = _mlflow_run(cfg, tracking_uri, run_name, storage, tags)
     phases.lap("mlflow")
     log(

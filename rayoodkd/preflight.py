@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,10 +250,13 @@ def check_stages(
     ]
 
 
-def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:
+def preflight(
+    cfg: BaseRunConfig, log: Any = print, before_teacher_training: Callable[[], None] | None = None
+) -> tuple[Path, str]:
     """Check everything a run needs before Ray or MLflow start; return the teacher file and tracking URI.
 
-    A teacher recipe without a cached result is trained here (it reads its corpora through Ray Data).
+    A teacher recipe without a cached result is trained here, after ``before_teacher_training`` (the command
+    starts Ray its own way: the recipe reads its corpora through Ray Data).
     """
     from rayoodkd.engine.tracking import default_tracking_uri
     from rayoodkd.teacher import ensure_teacher
@@ -268,7 +272,7 @@ def preflight(cfg: BaseRunConfig, log: Any = print) -> tuple[Path, str]:
     if not cfg.teacher.checkpoint:
         for split in ("train", "val", "test"):
             check_corpus(f"teacher.recipe.{split}", getattr(cfg.teacher.recipe, split))
-    teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)
+    teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log, before_teacher_training)
     for note in check_models(cfg, teacher_path):
         log(note)
     return teacher_path, tracking_uri

@@ -26,6 +26,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -165,8 +166,14 @@ def train_teacher(
     return info
 
 
-def ensure_teacher(teacher: TeacherConfig, cache_dir: str | None = None, log: Any = print) -> Path:
-    """The teacher checkpoint a run uses: the configured file, or the recipe's cached result."""
+def ensure_teacher(
+    teacher: TeacherConfig,
+    cache_dir: str | None = None,
+    log: Any = print,
+    before_training: Callable[[], None] | None = None,
+) -> Path:
+    """The teacher checkpoint a run uses: the configured file, or the recipe's cached result (trained now,
+    after ``before_training``, if there is none)."""
     from rayoodkd.teacher_io import read_teacher
 
     if teacher.checkpoint:
@@ -176,6 +183,8 @@ def ensure_teacher(teacher: TeacherConfig, cache_dir: str | None = None, log: An
     path = cache_root(cache_dir) / "teachers" / f"{teacher.recipe.arch}-{recipe_key(teacher.recipe)}.pt"
     if not path.is_file():
         log(f"teacher: no checkpoint given; training the recipe once (cached at {path})")
+        if before_training is not None:
+            before_training()
         train_teacher(teacher.recipe, path, cache_dir, log)
     return path
 
@@ -396,8 +405,10 @@ def _train_or_show(argv: list[str]) -> int:
     if not args.out:
         raise ConfigError("--out: required (where to write the teacher checkpoint)")
     from rayoodkd.config import build_section
+    from rayoodkd.launch import start_or_join_ray
 
     recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
+    start_or_join_ray(None, trials=False, ray_logs=False)  # as a run starts it: lean, our lines only
     train_teacher(recipe, args.out, args.cache_dir)
     return 0
 

@@ -456,10 +456,9 @@ def run_sweep(
     log: Any = print,
 ) -> SweepResult:
     """Run (or resume) a sweep to the end; write ``results.csv`` and ``best.yaml``; return the table."""
-    import ray
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers, show_only_marked_worker_lines, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.launch import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
@@ -502,14 +501,12 @@ def run_sweep(
                 "tracking_uri": paths.tracking_uri,
             },
         )
-    if not any(key.startswith("teacher.") for key in space.search):
-        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
     if not cfg.ray_logs:
         quiet_python_loggers()
-    if not ray.is_initialized():
-        start_or_join_ray(cfg.ray_dashboard, trials=True)
-        if not cfg.ray_logs:
-            show_only_marked_worker_lines()  # the trials' progress lines and Tune's tables, not Ray's chatter
+    # Before the teacher, whose recipe reads its corpora through Ray Data (which would start Ray its own way).
+    start_or_join_ray(cfg.ray_dashboard, trials=True, ray_logs=cfg.ray_logs)
+    if not any(key.startswith("teacher.") for key in space.search):
+        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
     sweep = {
         "name": space.name,
         "trials": paths.trials,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from ray._private import worker as ray_worker
 
@@ -47,3 +51,20 @@ def test_without_ray_forwarding_nothing_is_replaced() -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(37.4, "37s"), (245, "4m05s"), (3720, "1h02m"), (-3, "0s")])
 def test_durations_read_like_a_clock(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.ray
+def test_a_run_that_first_trains_its_teacher_keeps_the_quiet_console(tmp_path: Path) -> None:
+    """Training a teacher recipe reads its corpora through Ray Data, which would start Ray with Ray's own
+    defaults (its start-up banner, the dashboard) and leave the run's console to Ray's chatter."""
+    argv = [sys.executable, "-m", "rayoodkd.train", "--config", "demo", "num_workers=1"]
+    argv += [f"storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv += ["teacher.recipe.epochs=1", "data.ood.num_images=800"]
+    argv += ["max_steps=4", "eval.every=2", "log_every=2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "teacher: no checkpoint given; training the recipe once" in output
+    assert [line.split()[1] for line in output.splitlines() if line.startswith("step ")] == ["2/4", "4/4"]
+    noise = ("Started a local Ray instance", "TrainingReport", "Reporting training result", "Execution plan")
+    assert not [line for line in output.splitlines() if any(n in line for n in noise)], output[-3000:]

@@ -125,7 +125,7 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     if given is not None:
         monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", given)
-    start_or_join_ray(ray_dashboard, trials=trials)
+    start_or_join_ray(ray_dashboard, trials=trials, ray_logs=True)
     assert [call["include_dashboard"] for call in calls] == [dashboard]
     assert [call["watcher"] for call in calls] == [given or "0"]
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == watcher

@@ -39,15 +39,12 @@ def default_tracking_uri(storage_path: str) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def open_store_in_background(tracking_uri: str) -> Future[None]:
-    """Connect this process to the tracking store in a thread, creating a new sqlite store's tables.
-
-    That is 0.7 s of SQLAlchemy and schema checks for an existing store and 1.5 s for a new one, which the
-    caller overlaps with other start-up work: MLflow keeps the store per URI, so the clients made after
-    ``.result()`` (which re-raises what failed) find it ready (docs/benchmarks.md, start-up).
-    """
+def open_store_in_background(tracking_uri: str) -> Future[MlflowClient]:
+    """A client of the tracking store, made in a thread: its first connection in a process (SQLAlchemy, the
+    schema check) takes 0.7 s of a 2-core machine, which rank 0 overlaps with its set-up. MLflow keeps the
+    store per URI, so the clients made after ``.result()`` (which re-raises what failed) find it open."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
-    opened = pool.submit(lambda: MlflowClient(tracking_uri)._tracking_client.store and None)
+    opened = pool.submit(MlflowClient, tracking_uri)
     pool.shutdown(wait=False)
     return opened
 
