@@ -36,6 +36,16 @@ def quiet_python_loggers() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def quiet_ray_data(ray_logs: bool) -> None:
+    """Ray Data's reads in this driver: no progress bars (nor, off a terminal, their log-line form), and
+    its execution plans only with ``ray_logs``."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = ray_logs
+
+
 def show_only_marked_worker_lines() -> bool:
     """Replace Ray's worker-log printer in this driver by one that shows only rayoodkd's marked lines.
 

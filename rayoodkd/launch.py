@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
-from rayoodkd.console import Phases, quiet_python_loggers, show_only_marked_worker_lines
+from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
@@ -315,6 +315,7 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
     if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
         del os.environ[watcher]  # joined a cluster: it keeps its own setting
     if not ray_logs:
+        quiet_python_loggers()  # again: starting Ray configures its loggers
         show_only_marked_worker_lines()
 
 
@@ -332,13 +333,12 @@ def launch(
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
     """
-    import ray
-    import ray.data
 
     started, launched_at = time.perf_counter(), time.time()
     phases = Phases()
     if not cfg.ray_logs:
         quiet_python_loggers()
+    quiet_ray_data(cfg.ray_logs)  # before a teacher recipe's reads too
     start_ray = functools.partial(start_or_join_ray, cfg.ray_dashboard, trials=False, ray_logs=cfg.ray_logs)
     teacher_path, tracking_uri = preflight(cfg, log, before_teacher_training=start_ray)
     _, info = read_teacher(teacher_path)
@@ -347,9 +347,6 @@ def launch(
     phases.lap("ray")
     if not cfg.ray_logs:
         quiet_python_loggers()  # again: importing Ray Data configures its loggers
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = cfg.ray_logs
     check_cluster_fits(cfg, log)
     run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = ray_storage_path(cfg.storage_path)

@@ -253,10 +253,12 @@ def check_stages(
 def preflight(
     cfg: BaseRunConfig, log: Any = print, before_teacher_training: Callable[[], None] | None = None
 ) -> tuple[Path, str]:
-    """Check everything a run needs before Ray or MLflow start; return the teacher file and tracking URI.
+    """Check everything a run needs before MLflow starts, and before Ray unless a teacher must be trained;
+    return the teacher file and tracking URI.
 
-    A teacher recipe without a cached result is trained here, after ``before_teacher_training`` (the command
-    starts Ray its own way: the recipe reads its corpora through Ray Data).
+    A teacher recipe without a cached result is trained here, after the other checks and
+    ``before_teacher_training`` (the command starts Ray its own way: the recipe reads its corpora through Ray
+    Data).
     """
     from rayoodkd.engine.tracking import default_tracking_uri
     from rayoodkd.teacher import ensure_teacher

@@ -405,10 +405,13 @@ def _train_or_show(argv: list[str]) -> int:
     if not args.out:
         raise ConfigError("--out: required (where to write the teacher checkpoint)")
     from rayoodkd.config import build_section
+    from rayoodkd.console import quiet_python_loggers, quiet_ray_data
     from rayoodkd.launch import start_or_join_ray
 
     recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
-    start_or_join_ray(None, trials=False, ray_logs=False)  # as a run starts it: lean, our lines only
+    quiet_python_loggers()  # as a run starts Ray: lean, and the console keeps to our lines
+    quiet_ray_data(ray_logs=False)
+    start_or_join_ray(None, trials=False, ray_logs=False)
     train_teacher(recipe, args.out, args.cache_dir)
     return 0
 

@@ -122,10 +122,12 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
         monkeypatch.setattr(ray._private.worker, "_global_node", SimpleNamespace(head=started_here))
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
     monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
     if given is not None:
         monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", given)
     start_or_join_ray(ray_dashboard, trials=trials, ray_logs=True)
+    start_or_join_ray(ray_dashboard, trials=trials, ray_logs=True)  # connected already: nothing more
     assert [call["include_dashboard"] for call in calls] == [dashboard]
     assert [call["watcher"] for call in calls] == [given or "0"]
     assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == watcher
