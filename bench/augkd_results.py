@@ -4,7 +4,7 @@
     python bench/augkd_results.py --storage R --seeds 0 1 2 --configs \\
         "mnist2uci-augkd init_from.checkpoint=R/runs/m2u-prefix-s{seed} init_from.stage=mixup" \\
         "mnist2uci-augkd init_from.checkpoint=R/runs/m2u-prefix-s{seed} init_from.stage=mixup augkd.b=1.0"
-    python bench/augkd_results.py --configs mnist2uci-kd --seeds 0 1 2 data.labelled.per_class=50
+    python bench/augkd_results.py --configs mnist2uci-kd --seeds 0 1 2 --override data.labelled.per_class=50
 
 Every run is a full rayoodkd run (TorchTrainer, Ray Data, MLflow child run of the comparison), one after
 another so that wall times are those of an otherwise idle machine. ``{seed}`` in an item's overrides is the
@@ -27,8 +27,8 @@ from rayoodkd.compare import CompareResult, Entry, run_compare
 METRICS = ("test/top3_at_best_val", "teacher/test_top1")
 
 
-def parse_bench_arguments(description: str) -> argparse.Namespace:
-    """``--configs``, ``--seeds``, ``--storage`` and overrides for every run (the bench scripts' CLI)."""
+def parse_bench_arguments(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--configs``, ``--seeds``, ``--storage`` and ``--override`` for every run (the bench scripts' CLI)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -36,8 +36,11 @@ def parse_bench_arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--storage", type=Path, default=None, help="where runs go (default: a temp dir)")
     parser.add_argument("--name", default=None, help="the comparison's name (default: from the configs)")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every run")
-    return parser.parse_args()
+    # An option, not trailing positionals, which --configs and --seeds would take as theirs.
+    parser.add_argument(
+        "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="for every run"
+    )
+    return parser.parse_args(argv)
 
 
 def run_bench(args: argparse.Namespace, metrics: tuple[str, ...], prefix: str) -> CompareResult:
@@ -46,7 +49,7 @@ def run_bench(args: argparse.Namespace, metrics: tuple[str, ...], prefix: str) -
     return run_compare(
         [Entry.parse(text) for text in args.configs],
         args.seeds,
-        [f"storage_path={storage / 'runs'}", *args.overrides],
+        [f"storage_path={storage / 'runs'}", *args.override],
         name=args.name,
         output=storage / "compare",
         max_concurrent=1,

@@ -2,9 +2,10 @@
 ``rayoodkd compare``, one run at a time, plus the selection per epoch.
 
     python bench/kd3_results.py --configs mnist-kd3-web mnist-kd-web mnist-dfnd-web --seeds 0 1 2 \
-        num_workers=0
-    python bench/kd3_results.py --seeds 0 1 2 num_workers=0 --configs "mnist-kd3-web kd3.select=false" \\
-        "mnist-kd3-web kd3.feature_alignment=false" "mnist-kd3-web kd3.mix_distribution=false"
+        --override num_workers=0
+    python bench/kd3_results.py --seeds 0 1 2 --override num_workers=0 \\
+        --configs "mnist-kd3-web kd3.select=false" "mnist-kd3-web kd3.feature_alignment=false" \\
+        "mnist-kd3-web kd3.mix_distribution=false"
 
 Prints compare's table (per config, mean ± std over the seeds of the final test top-1, the best val top-1,
 the test top-1 at the best-val checkpoint, wall time and img/s) with the mean seconds of a selection pass

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,16 @@ def test_the_panel_report_takes_the_worst_held_out_teacher_and_the_synthesis_rat
     assert "| **worst held-out teacher** | | | 55.00 (resnet8) | 71.00 (resnet8) | – |" in out
     assert "| **images synthesised per s of wall time** | | | – | – | 8.0 |" in out
     assert "+16.00 points (goal >= +5): holds." in out
+
+
+def test_the_results_benches_take_overrides_for_every_run_wherever_they_stand(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from augkd_results import parse_bench_arguments
+
+    argv = ["--override", "num_workers=0", "--configs", "mnist-kd-web", "mnist-kd3-web kd3.select=false"]
+    argv += ["--seeds", "0", "1", "--override", "data.labelled.per_class=50"]
+    args = parse_bench_arguments("", argv)
+    assert args.configs == ["mnist-kd-web", "mnist-kd3-web kd3.select=false"] and args.seeds == [0, 1]
+    assert args.override == ["num_workers=0", "data.labelled.per_class=50"]
