@@ -333,12 +333,11 @@ def launch(
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
     """
-
     started, launched_at = time.perf_counter(), time.time()
     phases = Phases()
+    quiet_ray_data(cfg.ray_logs)  # before a teacher recipe's reads too; importing Ray Data sets its loggers
     if not cfg.ray_logs:
         quiet_python_loggers()
-    quiet_ray_data(cfg.ray_logs)  # before a teacher recipe's reads too
     start_ray = functools.partial(start_or_join_ray, cfg.ray_dashboard, trials=False, ray_logs=cfg.ray_logs)
     teacher_path, tracking_uri = preflight(cfg, log, before_teacher_training=start_ray)
     _, info = read_teacher(teacher_path)

@@ -409,8 +409,8 @@ def _train_or_show(argv: list[str]) -> int:
     from rayoodkd.launch import start_or_join_ray
 
     recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
-    quiet_python_loggers()  # as a run starts Ray: lean, and the console keeps to our lines
-    quiet_ray_data(ray_logs=False)
+    quiet_ray_data(ray_logs=False)  # as a run starts Ray: lean, and the console keeps to our lines
+    quiet_python_loggers()
     start_or_join_ray(None, trials=False, ray_logs=False)
     train_teacher(recipe, args.out, args.cache_dir)
     return 0

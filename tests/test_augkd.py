@@ -81,11 +81,12 @@ def test_the_encoder_learns_to_invert_the_generator_on_its_own_samples() -> None
     held_out = torch.randn(256, 8, generator=torch.Generator().manual_seed(5))
 
     def reconstruction_error() -> float:
+        # With the held-out batch's own BN statistics, as E trains: its running averages trail Adam's steps,
+        # and an eval-mode error swings with them (4.1, 17.4, 12.0, 6.4 at steps 90-210 on one CPU).
         with torch.no_grad():
             images = method.generator(held_out)
             labels = method.teacher(method.ctx.normalize(images)).argmax(1)
-            _, mu, _ = method.encoder.eval()(images, labels)
-        method.encoder.train()
+            _, mu, _ = method.encoder(images, labels)
         return (mu - held_out).pow(2).sum(1).mean().item()
 
     before = reconstruction_error()
