@@ -344,8 +344,6 @@ def launch(
     phases.lap("checks")
     start_ray()
     phases.lap("ray")
-    if not cfg.ray_logs:
-        quiet_python_loggers()  # again: importing Ray Data configures its loggers
     check_cluster_fits(cfg, log)
     run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = ray_storage_path(cfg.storage_path)
