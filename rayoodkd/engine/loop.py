@@ -243,9 +243,10 @@ class Worker:
         stopped = read_json(self.nonfinite_marker) or {}
         if self.launched_at is not None and stopped.get("launched_at") == self.launched_at:
             raise NonFiniteLoss(stopped["message"])
+        self.tracker: Tracker | None = None
         if store_opened is not None:
             store_opened.result()
-        self.tracker = Tracker(loop_config["tracking_uri"], run_id) if store_opened is not None else None
+            self.tracker = Tracker(loop_config["tracking_uri"], run_id)
         # Steps an earlier attempt logged after its last checkpoint are re-run but not logged twice; training
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0
