@@ -338,12 +338,26 @@ def _read_yaml(ref: str) -> dict[str, Any]:
 
 
 def load_preset(ref: str) -> dict[str, Any]:
-    """A preset or YAML file as a plain dict, with ``extends: OTHER`` resolved (other keys win)."""
+    """A preset or YAML file as a plain dict, with ``extends`` resolved.
+
+    ``extends: OTHER`` or ``extends: [FIRST, SECOND, ...]``: the parents are merged left to right (a later
+    parent's keys win), then this file's own keys win over all of them.
+    """
     data = _read_yaml(ref)
-    parent = data.pop("extends", None)
-    if parent is None:
+    parents = data.pop("extends", None)
+    if parents is None:
         return data
-    return deep_merge(load_preset(str(parent)), data)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(
+            f"--config {ref}: 'extends' must be a preset name or YAML path, or a non-empty list of them; "
+            f"got {parents!r}"
+        )
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = deep_merge(merged, load_preset(parent))
+    return deep_merge(merged, data)
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

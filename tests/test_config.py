@@ -84,6 +84,25 @@ def test_yaml_file_config(tmp_path) -> None:
     assert (cfg.seed, cfg.kd_ood.optim.student.lr, cfg.kd_ood.temperature) == (7, 0.02, 5.0)
 
 
+def test_extends_takes_a_list_whose_later_parents_win(tmp_path) -> None:
+    first, second, child = tmp_path / "first.yaml", tmp_path / "second.yaml", tmp_path / "child.yaml"
+    first.write_text(yaml.safe_dump({"extends": "demo", "seed": 1, "max_steps": 11, "eval": {"every": 5}}))
+    second.write_text(yaml.safe_dump({"seed": 2, "data": {"augment": "none"}}))
+    child.write_text(yaml.safe_dump({"extends": [str(first), str(second)], "max_steps": 33}))
+    cfg = resolve_config(str(child))
+    assert (cfg.seed, cfg.max_steps, cfg.eval.every, cfg.data.augment) == (2, 33, 5, "none")
+    assert cfg.data.batch_size == 128  # from demo, through the first parent
+
+
+def test_a_bad_extends_is_one_line_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"extends": ["demo", 3]}))
+    with pytest.raises(ConfigError) as error:
+        load_preset(str(path))
+    assert "'extends' must be a preset name" in str(error.value) and str(path) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_cli_bad_override_exits_nonzero_with_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "rayoodkd.train", "data.nope=1"], capture_output=True, text=True, timeout=120
