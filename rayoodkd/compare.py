@@ -298,7 +298,7 @@ def run_compare(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
-    from rayoodkd.launch import start_or_join_ray
+    from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.tune import trials_that_fit
 

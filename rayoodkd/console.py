@@ -36,13 +36,13 @@ def quiet_python_loggers() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def quiet_ray_data(ray_logs: bool) -> None:
-    """Ray Data's reads in this driver: no progress bars (nor, off a terminal, their log-line form), and
-    its execution plans only with ``ray_logs``."""
+def quiet_ray_data(ray_logs: bool, progress_bars: bool = False) -> None:
+    """Ray Data's reads in this driver: progress bars only if asked (off a terminal Ray prints them as log
+    lines), and its execution plans only with ``ray_logs``."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = progress_bars
     context.print_on_execution_start = ray_logs
 
 

@@ -35,6 +35,7 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     from rayoodkd.engine.checkpoint import STATE_FILE, load_state
     from rayoodkd.engine.loop import Worker
     from rayoodkd.engine.session import LocalSession
+    from rayoodkd.raystart import start_quiet_ray_for_reads
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.teacher_io import read_teacher
 
@@ -42,6 +43,7 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     directory = directory.parent if directory.name == STATE_FILE else directory
     state = load_state(directory)
     cfg = build_config(apply_overrides(state["config"], overrides or []))
+    start_quiet_ray_for_reads(cfg.ray_logs)
     teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log=lambda *_: None)
     _, info = read_teacher(teacher_path)
     if info.content_hash != state["teacher_hash"]:

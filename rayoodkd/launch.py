@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -22,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
-from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
+from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
+from rayoodkd.raystart import start_or_join_ray
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
@@ -284,39 +284,6 @@ def _train_in_driver(
     )
     run_worker(loop_config, session)
     return session.last_metrics, session.last_checkpoint or ""
-
-
-def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -> None:
-    """Connect this command to Ray, unless it is connected already: the cluster at ``RAY_ADDRESS`` or one
-    ``ray start`` began on this machine (which keep their own settings), else a Ray instance of its own, on
-    this machine, ending with it. Unless ``ray_logs``, the console then shows only rayoodkd's lines of the
-    Ray workers (progress, not Ray's chatter).
-
-    ``dashboard`` (the config's ``ray_dashboard``) decides whether that instance runs Ray's dashboard;
-    ``None`` starts it only for a command that runs ``trials`` (sweeps, comparisons): Ray Train's
-    placement-group cleaner asks the dashboard's state API whether a stopped trial's controller still lives,
-    and without it a long-lived instance keeps the resources of trials that died. A single run's instance
-    ends with the run, and the dashboard's processes would only take CPU from the cores that train
-    (docs/benchmarks.md, issue #19 goal 3).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    # An instance started here runs on this one machine, which nobody preempts: Ray Train's preemption watcher
-    # would be one more actor to start (2 s of the demo's start-up). Set before ray.init, since the processes
-    # its raylet starts (a sweep's trials, which start the trainers) take their environment from it.
-    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-    watcher_ours = watcher not in os.environ
-    if watcher_ours:
-        os.environ[watcher] = "0"
-    include_dashboard = trials if dashboard is None else dashboard
-    ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
-    if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
-        del os.environ[watcher]  # joined a cluster: it keeps its own setting
-    if not ray_logs:
-        quiet_python_loggers()  # again: starting Ray configures its loggers
-        show_only_marked_worker_lines()
 
 
 def launch(

@@ -361,6 +361,12 @@ def _import_main(argv: list[str]) -> int:
     from rayoodkd.config import build_section
 
     spec = build_section(ImportSpec, apply_overrides({}, args.spec), "")
+    if spec.test is not None:
+        from rayoodkd.preflight import check_corpus
+        from rayoodkd.raystart import start_quiet_ray_for_reads
+
+        check_corpus("test", spec.test)  # a path that is not there is one line before Ray starts
+        start_quiet_ray_for_reads()
     info = import_teacher(args.weights, args.out, spec, args.cache_dir)
     shape = f"{info.num_classes} classes, {info.channels}x{info.image_size}x{info.image_size}"
     scored = ""
@@ -405,13 +411,10 @@ def _train_or_show(argv: list[str]) -> int:
     if not args.out:
         raise ConfigError("--out: required (where to write the teacher checkpoint)")
     from rayoodkd.config import build_section
-    from rayoodkd.console import quiet_python_loggers, quiet_ray_data
-    from rayoodkd.launch import start_or_join_ray
+    from rayoodkd.raystart import start_quiet_ray_for_reads
 
     recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
-    quiet_ray_data(ray_logs=False)  # as a run starts Ray: lean, and the console keeps to our lines
-    quiet_python_loggers()
-    start_or_join_ray(None, trials=False, ray_logs=False)
+    start_quiet_ray_for_reads()
     train_teacher(recipe, args.out, args.cache_dir)
     return 0
 

@@ -460,7 +460,7 @@ def run_sweep(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker
-    from rayoodkd.launch import start_or_join_ray
+    from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
 
     cfg = build_config(base)

@@ -69,3 +69,23 @@ def test_a_run_that_first_trains_its_teacher_keeps_the_quiet_console(tmp_path: P
     noise = ("Started a local Ray instance", "TrainingReport", "Reporting training result", "Execution plan")
     noise += ("execution finished", "Progress bars disabled")  # Ray Data's own lines on the teacher's reads
     assert not [line for line in output.splitlines() if any(n in line for n in noise)], output[-3000:]
+
+
+@pytest.mark.ray
+def test_the_data_cli_reads_through_ray_without_ray_chatter(tmp_path: Path) -> None:
+    """A command that reads a corpus outside a run starts Ray as a run does instead of letting Ray Data's
+    first read start it with Ray's defaults: no banner, no execution plan, no progress lines."""
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / label).mkdir()
+        for index in range(3):
+            Image.new("L", (6, 6), color=40 * index).save(tmp_path / label / f"{index}.png")
+    argv = [sys.executable, "-m", "rayoodkd.data", "inspect", str(tmp_path), "--image-size", "4"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "rows: 6" in output and "corrupt: 0" in output
+    noise = ("Started a local Ray instance", "Execution plan", "execution finished", "Running Dataset")
+    noise += ("Total Progress", "Token authentication")
+    assert not [line for line in output.splitlines() if any(n in line for n in noise)], output[-3000:]

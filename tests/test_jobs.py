@@ -112,7 +112,7 @@ def test_a_command_starts_its_own_ray_lean_and_leaves_a_cluster_it_joins_as_it_i
 
     import ray
 
-    from rayoodkd.launch import start_or_join_ray
+    from rayoodkd.raystart import start_or_join_ray
 
     calls = []
 

@@ -53,6 +53,11 @@ def _positive_int(text: str) -> int:
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--ray-logs",
+        action="store_true",
+        help="show Ray's own logging (start-up, Ray Data execution plans); off by default",
+    )
+    p.add_argument(
         "source",
         metavar="SOURCE",
         nargs="+",
@@ -257,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         corpus: Corpus = members[0] if len(members) == 1 else members
         formats = " + ".join(f"{m.source} (format {resolve_format(m)})" for m in corpus_members(corpus))
         print(f"reading {formats}", flush=True)
+        from rayoodkd.raystart import start_quiet_ray_for_reads
+
+        start_quiet_ray_for_reads(args.ray_logs, progress_bars=sys.stderr.isatty())
         ds = load_corpus(
             corpus,
             image_size=args.image_size,
