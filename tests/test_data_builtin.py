@@ -149,10 +149,37 @@ def test_materialize_builtin_tolerates_a_concurrent_writer(tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == [out.name]
 
 
+def test_printed_digits_are_the_ten_digits_in_every_font_and_each_split_a_new_render() -> None:
+    from rayoodkd.data.readers import class_names_of
+
+    images, labels = builtin_arrays("printed-digits", "train", 2000, seed=0)
+    assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
+    counts = np.bincount(labels, minlength=10)
+    assert len(counts) == 10 and counts.min() > 150  # every digit, about 200 each
+    assert (images.reshape(2000, -1).max(axis=1) > 200).all()  # a white glyph on every image
+    # each class is a digit: its mean image differs from every other class's
+    means = np.stack([images[labels == d].mean(axis=0) for d in range(10)])
+    gaps = np.abs(means[:, None] - means[None]).mean(axis=(2, 3)) + np.eye(10) * 255
+    assert gaps.min() > 5
+    again, again_labels = builtin_arrays("printed-digits", "train", 2000, seed=0)
+    assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+    test_images, _ = builtin_arrays("printed-digits", "test", 2000, seed=0)
+    assert not _row_keys(test_images) & _row_keys(images)
+    assert class_names_of(CorpusConfig(source="printed-digits")) == [str(d) for d in range(10)]
+
+
 def test_corpus_config_validation() -> None:
     cfg = CorpusConfig(source="letters")
     assert cfg.format == "auto" and cfg.labelled and cfg.label_column == "label"
-    assert set(BUILTIN_SOURCES) == {"mnist5k", "uci-digits", "letters", "textures", "hershey", "web-digits"}
+    assert set(BUILTIN_SOURCES) == {
+        "mnist5k",
+        "uci-digits",
+        "letters",
+        "textures",
+        "hershey",
+        "web-digits",
+        "printed-digits",
+    }
     with pytest.raises(ValidationError, match=r"format[\s\S]*'auto'.*'image_folder'"):
         CorpusConfig(source="x", format="tfrecord")
     with pytest.raises(ValidationError, match="source: unknown builtin set 'digits'; allowed: mnist5k"):

@@ -23,9 +23,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-BUILTIN_SOURCES: tuple[str, ...] = ("mnist5k", "uci-digits", "letters", "textures", "hershey", "web-digits")
+BUILTIN_SOURCES: tuple[str, ...] = (
+    "mnist5k",
+    "uci-digits",
+    "letters",
+    "textures",
+    "hershey",
+    "web-digits",
+    "printed-digits",
+)
 BUILTIN_SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
-GENERATED_SOURCES: tuple[str, ...] = ("letters", "textures", "hershey", "web-digits")
+# A new generated set goes last: its index keys every set's random stream.
+GENERATED_SOURCES: tuple[str, ...] = ("letters", "textures", "hershey", "web-digits", "printed-digits")
 DEFAULT_GENERATED_IMAGES = 20000
 # Bump when the rendering or the on-disk layout changes, so stale caches are not reused.
 FORMAT_VERSION = 2
@@ -114,6 +123,9 @@ def builtin_arrays(
         return _render(_hershey_image, _hershey_glyphs(), n, rng, progress, "hershey")
     if name == "web-digits":
         return _web_digits(n, rng, progress)
+    if name == "printed-digits":
+        choices = [(label, path) for path in _font_paths() for label in range(len(DIGITS))]
+        return _render(_digit_image, choices, n, rng, progress, "printed-digits")
     return _textures(n, rng, progress)
 
 
@@ -245,6 +257,11 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 def _letter_image(choice: tuple[int, str], rng: np.random.Generator) -> np.ndarray:
     label, path = choice
     return _glyph_image(LETTERS[label], path, rng)
+
+
+def _digit_image(choice: tuple[int, str], rng: np.random.Generator) -> np.ndarray:
+    label, path = choice
+    return _glyph_image(DIGITS[label], path, rng)
 
 
 def _glyph_image(char: str, path: str, rng: np.random.Generator) -> np.ndarray:

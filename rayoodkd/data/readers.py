@@ -152,7 +152,7 @@ def class_names_of(corpus: Corpus) -> list[str] | None:
 def _member_class_names(cfg: CorpusConfig) -> list[str] | None:
     fmt = resolve_format(cfg)
     if fmt == "builtin":
-        if cfg.source in ("mnist5k", "uci-digits"):
+        if cfg.source in ("mnist5k", "uci-digits", "printed-digits"):
             return [str(d) for d in range(10)]
         return list(LETTERS) if cfg.source in ("letters", "hershey") else None
     if fmt == "image_folder":
