@@ -337,12 +337,15 @@ def _read_yaml(ref: str) -> dict[str, Any]:
     return data
 
 
-def load_preset(ref: str) -> dict[str, Any]:
+def load_preset(ref: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset or YAML file as a plain dict, with ``extends`` resolved.
 
-    ``extends: OTHER`` or ``extends: [FIRST, SECOND, ...]``: the parents are merged left to right (a later
-    parent's keys win), then this file's own keys win over all of them.
+    ``extends: OTHER`` or ``extends: [FIRST, SECOND, ...]``: each parent is resolved first, then they are
+    merged left to right, so a later parent's keys win, those it inherits too (two parents of one ancestor
+    both carry its keys); this file's own keys win over all of them.
     """
+    if ref in _chain:
+        raise ConfigError(f"--config {ref}: 'extends' loops back to it ({' -> '.join((*_chain, ref))})")
     data = _read_yaml(ref)
     parents = data.pop("extends", None)
     if parents is None:
@@ -356,7 +359,7 @@ def load_preset(ref: str) -> dict[str, Any]:
         )
     merged: dict[str, Any] = {}
     for parent in parents:
-        merged = deep_merge(merged, load_preset(parent))
+        merged = deep_merge(merged, load_preset(parent, (*_chain, ref)))
     return deep_merge(merged, data)
 
 

@@ -35,7 +35,6 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     from rayoodkd.engine.checkpoint import STATE_FILE, load_state
     from rayoodkd.engine.loop import Worker
     from rayoodkd.engine.session import LocalSession
-    from rayoodkd.raystart import start_quiet_ray_for_reads
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.teacher_io import read_teacher
 
@@ -43,7 +42,6 @@ def restore_worker(checkpoint: str | Path, overrides: list[str] | None = None) -
     directory = directory.parent if directory.name == STATE_FILE else directory
     state = load_state(directory)
     cfg = build_config(apply_overrides(state["config"], overrides or []))
-    start_quiet_ray_for_reads(cfg.ray_logs)
     teacher_path = ensure_teacher(cfg.teacher, cfg.data.cache_dir, log=lambda *_: None)
     _, info = read_teacher(teacher_path)
     if info.content_hash != state["teacher_hash"]:
@@ -118,7 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.test.source=…"
     )
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument(
+        "--ray-logs", action="store_true", help="show Ray's own logging (start-up, Ray Data execution plans)"
+    )
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        print(f"error: checkpoint: no such file or directory: {args.checkpoint}", file=sys.stderr)
+        return 2
+    from rayoodkd.raystart import start_ray_for_reads
+
+    start_ray_for_reads(args.ray_logs)  # before the reads of data.val and data.test
     try:
         table = evaluate_checkpoint(args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as error:

@@ -41,10 +41,11 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
         show_only_marked_worker_lines()
 
 
-def start_quiet_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:
-    """For a command that reads corpora through Ray Data outside a run (teacher training, evaluation, the data
-    CLI): Ray started as a run starts it, lean and with the console kept to our lines, rather than by Ray
-    Data's first read with Ray's defaults (banner, dashboard, progress and execution-plan lines)."""
+def start_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:
+    """For a command that reads corpora through Ray Data outside a run (teacher training and import,
+    evaluation, the data CLI): Ray started or joined as a run does, lean and, unless ``ray_logs``, with the
+    console kept to our lines, rather than by Ray Data's first read with Ray's defaults (banner, dashboard,
+    progress and execution-plan lines)."""
     quiet_ray_data(ray_logs, progress_bars)
     if not ray_logs:
         quiet_python_loggers()

@@ -334,6 +334,9 @@ def import_teacher(
     info = TeacherInfo(spec.arch, spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
     info.recipe, info.kwargs = {"imported_from": str(weights)}, dict(spec.kwargs)
     if spec.test is not None:
+        from rayoodkd.raystart import start_ray_for_reads
+
+        start_ray_for_reads()
         info.accuracy, info.recipe["test_images"] = score_teacher(model, info, spec.test, cache_dir)
         info.recipe["test"] = spec.model_dump(mode="json", include={"test"}, exclude_defaults=True)["test"]
     save_teacher(out, model, info)
@@ -363,10 +366,8 @@ def _import_main(argv: list[str]) -> int:
     spec = build_section(ImportSpec, apply_overrides({}, args.spec), "")
     if spec.test is not None:
         from rayoodkd.preflight import check_corpus
-        from rayoodkd.raystart import start_quiet_ray_for_reads
 
         check_corpus("test", spec.test)  # a path that is not there is one line before Ray starts
-        start_quiet_ray_for_reads()
     info = import_teacher(args.weights, args.out, spec, args.cache_dir)
     shape = f"{info.num_classes} classes, {info.channels}x{info.image_size}x{info.image_size}"
     scored = ""
@@ -411,10 +412,10 @@ def _train_or_show(argv: list[str]) -> int:
     if not args.out:
         raise ConfigError("--out: required (where to write the teacher checkpoint)")
     from rayoodkd.config import build_section
-    from rayoodkd.raystart import start_quiet_ray_for_reads
+    from rayoodkd.raystart import start_ray_for_reads
 
     recipe = build_section(TeacherRecipe, apply_overrides({}, args.overrides), "")
-    start_quiet_ray_for_reads()
+    start_ray_for_reads()
     train_teacher(recipe, args.out, args.cache_dir)
     return 0
 

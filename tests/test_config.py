@@ -12,6 +12,7 @@ from rayoodkd.config import (
     ConfigError,
     apply_overrides,
     build_config,
+    deep_merge,
     load_preset,
     preset_names,
     resolve_config,
@@ -92,6 +93,24 @@ def test_extends_takes_a_list_whose_later_parents_win(tmp_path) -> None:
     cfg = resolve_config(str(child))
     assert (cfg.seed, cfg.max_steps, cfg.eval.every, cfg.data.augment) == (2, 33, 5, "none")
     assert cfg.data.batch_size == 128  # from demo, through the first parent
+
+
+@pytest.mark.parametrize("pair", ["uci2mnist", "mnist2printed"])
+def test_the_dfq_plus_presets_are_mnist2ucis_on_another_pairs_teacher_and_data(pair: str) -> None:
+    """Their two parents share ancestors (demo, mnist2uci-augkd): the last parent brings those keys back."""
+    dfq_plus = load_preset("mnist2uci-dfq-finetune")
+    domain = load_preset(f"{pair}-augkd")
+    expected = build_config(deep_merge(dfq_plus, {"teacher": domain["teacher"], "data": domain["data"]}))
+    assert resolve_config(f"{pair}-dfq-finetune") == expected
+    assert expected.method == "dfq_finetune" and expected.max_steps == build_config(dfq_plus).max_steps
+
+
+def test_an_extends_loop_is_one_line(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"extends": ["demo", str(tmp_path / "b.yaml")]}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"extends": str(tmp_path / "a.yaml")}))
+    with pytest.raises(ConfigError) as error:
+        load_preset(str(tmp_path / "a.yaml"))
+    assert "'extends' loops back to it" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_bad_extends_is_one_line_naming_the_file(tmp_path) -> None:

@@ -149,10 +149,22 @@ def test_materialize_builtin_tolerates_a_concurrent_writer(tmp_path, monkeypatch
     assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == [out.name]
 
 
-def test_printed_digits_are_the_ten_digits_in_every_font_and_each_split_a_new_render() -> None:
+def test_printed_digits_are_the_ten_digits_in_every_font_and_each_split_a_new_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from rayoodkd.data.readers import class_names_of
 
+    drawn: list[tuple[str, str]] = []
+    glyph_image = builtin._glyph_image
+
+    def recording(char: str, path: str, rng: np.random.Generator) -> np.ndarray:
+        drawn.append((char, path))
+        return glyph_image(char, path, rng)
+
+    monkeypatch.setattr(builtin, "_glyph_image", recording)
     images, labels = builtin_arrays("printed-digits", "train", 2000, seed=0)
+    assert [char for char, _ in drawn] == [builtin.DIGITS[label] for label in labels]
+    assert {path for _, path in drawn} == set(builtin._font_paths())
     assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
     counts = np.bincount(labels, minlength=10)
     assert len(counts) == 10 and counts.min() > 150  # every digit, about 200 each

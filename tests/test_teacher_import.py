@@ -252,6 +252,23 @@ def test_foreign_file_hint_names_the_arch_forms(tmp_path: Path) -> None:
     assert "arch=NAME|torchvision:NAME|timm:NAME|module.path:Class" in message
 
 
+def test_an_import_refused_for_its_test_set_or_its_weights_never_starts_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rayoodkd.raystart
+
+    def no_ray(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started before the import was refused")
+
+    monkeypatch.setattr(rayoodkd.raystart, "start_ray_for_reads", no_ray)
+    _, weights = _mynet(tmp_path)
+    test = ["test.source=mnist5k", "test.split=test"]
+    err = _refused(capsys, weights, tmp_path / "t.pt", f"arch={USER_ARCH}", *GREY, "test.source=nowhere")
+    assert err == "error: test.source: path not found: nowhere"
+    err = _refused(capsys, weights, tmp_path / "t.pt", "arch=lenet5", *GREY, *test)
+    assert err.startswith("error: --weights: the state dict does not fit arch=lenet5")
+
+
 # ----------------------------------------------------------------------------------------- with Ray
 
 

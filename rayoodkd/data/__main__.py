@@ -262,9 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         corpus: Corpus = members[0] if len(members) == 1 else members
         formats = " + ".join(f"{m.source} (format {resolve_format(m)})" for m in corpus_members(corpus))
         print(f"reading {formats}", flush=True)
-        from rayoodkd.raystart import start_quiet_ray_for_reads
+    except ValidationError as err:
+        parser.error(_one_line(err))
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    from rayoodkd.raystart import start_ray_for_reads
 
-        start_quiet_ray_for_reads(args.ray_logs, progress_bars=sys.stderr.isatty())
+    start_ray_for_reads(args.ray_logs, progress_bars=sys.stderr.isatty())
+    try:
         ds = load_corpus(
             corpus,
             image_size=args.image_size,

@@ -1,4 +1,5 @@
-"""Offline builtin image sets: real digits shipped in pip packages and generated OOD corpora.
+"""Offline builtin image sets: real digits shipped in pip packages, generated OOD corpora, and printed digits
+(a generated labelled student domain).
 
 ``builtin_arrays`` returns ``(images uint8 [N,H,W], labels int64)``; ``materialize_builtin`` writes a set
 once as parquet shards (PNG bytes + label) under a cache directory, to be read through the Ray Data readers.
@@ -33,7 +34,7 @@ BUILTIN_SOURCES: tuple[str, ...] = (
     "printed-digits",
 )
 BUILTIN_SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
-# A new generated set goes last: its index keys every set's random stream.
+# A new generated set goes last: each set's index here seeds its random stream.
 GENERATED_SOURCES: tuple[str, ...] = ("letters", "textures", "hershey", "web-digits", "printed-digits")
 DEFAULT_GENERATED_IMAGES = 20000
 # Bump when the rendering or the on-disk layout changes, so stale caches are not reused.
@@ -124,8 +125,7 @@ def builtin_arrays(
     if name == "web-digits":
         return _web_digits(n, rng, progress)
     if name == "printed-digits":
-        choices = [(label, path) for path in _font_paths() for label in range(len(DIGITS))]
-        return _render(_digit_image, choices, n, rng, progress, "printed-digits")
+        return _render(_digit_image, _digit_fonts(), n, rng, progress, "printed-digits")
     return _textures(n, rng, progress)
 
 
@@ -257,6 +257,11 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 def _letter_image(choice: tuple[int, str], rng: np.random.Generator) -> np.ndarray:
     label, path = choice
     return _glyph_image(LETTERS[label], path, rng)
+
+
+def _digit_fonts() -> list[tuple[int, str]]:
+    """``(digit, font path)`` for every digit in every font of ``letters``."""
+    return [(label, path) for path in _font_paths() for label in range(len(DIGITS))]
 
 
 def _digit_image(choice: tuple[int, str], rng: np.random.Generator) -> np.ndarray:
