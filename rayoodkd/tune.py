@@ -464,6 +464,8 @@ def run_sweep(
     from rayoodkd.teacher import ensure_teacher
 
     cfg = build_config(base)
+    if not cfg.ray_logs:
+        quiet_python_loggers()  # before the sweep's MLflow store is opened (a new one logs its migrations)
     paths = _paths(space, cfg)
     record = read_json(f"{paths.root}/{SWEEP_FILE}")
     if resume and record is None:
@@ -501,8 +503,6 @@ def run_sweep(
                 "tracking_uri": paths.tracking_uri,
             },
         )
-    if not cfg.ray_logs:
-        quiet_python_loggers()
     # Before the teacher, whose recipe reads its corpora through Ray Data (which would start Ray its own way).
     start_or_join_ray(cfg.ray_dashboard, trials=True, ray_logs=cfg.ray_logs)
     if not any(key.startswith("teacher.") for key in space.search):
