@@ -346,11 +346,12 @@ class SweepResult:
     def table(self) -> str:
         keys = list(self.space.search)
         extra = self.space.report_metrics
+        best_val = _best_val_column(self.space)
         header = [
             "trial",
             *keys,
             self.space.metric,
-            "best_val/top1",
+            *best_val,
             *extra,
             "steps",
             "stopped by ASHA",
@@ -361,7 +362,7 @@ class SweepResult:
                 row.trial_id,
                 *(_fmt(row.sampled.get(k)) for k in keys),
                 _fmt(row.metric),
-                _fmt(row.best_val),
+                *(_fmt(row.best_val) for _ in best_val),
                 *(_fmt(row.extra.get(k, math.nan)) for k in extra),
                 f"{row.steps}/{row.max_steps}",
                 "yes" if row.stopped_early else "no",
@@ -648,9 +649,15 @@ def _default_output(paths: SweepPaths) -> Path:
     return Path(Path(paths.root).name) if is_remote(paths.root) else local_path(paths.root)
 
 
+def _best_val_column(space: SweepSpace) -> list[str]:
+    """The best-val column of the results, unless it is the sweep's metric column already."""
+    return [] if space.metric == "best_val/top1" else ["best_val/top1"]
+
+
 def results_csv(result: SweepResult) -> str:
     """The results table as CSV: one row per trial."""
     keys, extra = list(result.space.search), result.space.report_metrics
+    best_val = _best_val_column(result.space)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
@@ -658,7 +665,7 @@ def results_csv(result: SweepResult) -> str:
             "trial_id",
             *keys,
             result.space.metric,
-            "best_val/top1",
+            *best_val,
             *extra,
             "steps",
             "max_steps",
@@ -674,7 +681,7 @@ def results_csv(result: SweepResult) -> str:
                 row.trial_id,
                 *(row.sampled.get(k) for k in keys),
                 row.metric,
-                row.best_val,
+                *(row.best_val for _ in best_val),
                 *(row.extra.get(k, "") for k in extra),
                 row.steps,
                 row.max_steps,

@@ -133,6 +133,18 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
     assert table[1]["stopped_early"] == "True" and table[1]["steps"] == "10"
     assert table[0]["kd_ood.optim.student.lr"] == "0.05" and table[0]["val/top1"] == "61.0"
     assert table[0]["test/top1"] == "60.5" and table[1]["test/top1"] == ""
+    assert table[0]["best_val/top1"] == "61.0"
+    on_best_val = SweepResult(
+        space.model_copy(update={"metric": "best_val/top1"}),
+        rows,
+        rows[0],
+        result.best_config,
+        "p",
+        "sqlite://",
+    )
+    header = results_csv(on_best_val).splitlines()[0].split(",")
+    assert header.count("best_val/top1") == 1 and "val/top1" not in header
+    assert on_best_val.table().splitlines()[0].split().count("best_val/top1") == 1
     best = tmp_path / "best.yaml"
     best.write_text(best_yaml(result))
     cfg = resolve_config(str(best))
