@@ -247,6 +247,12 @@ class BaseRunConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the teacher and every player (false: eager, the fallback)"
     )
+    teacher_inference: Literal["fused", "as_loaded"] = Field(
+        "fused",
+        description="fused: the teacher's no-grad forwards (KD targets, selection, evaluation) run a copy "
+        "with BatchNorm folded into the convolutions and channels-last weights (compile=true: compiled with "
+        "weight freezing); as_loaded: every forward runs the module as loaded",
+    )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     tracking_uri: str | None = None
     experiment_name: str = "rayoodkd"

@@ -14,10 +14,11 @@ from rayoodkd.augment import augment_batch
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import load_state
 from rayoodkd.engine.evaluation import EvalSet, evaluate, score
-from rayoodkd.engine.loop import InjectedFailure, NonFiniteLoss, run_worker
+from rayoodkd.engine.loop import InjectedFailure, NonFiniteLoss, Worker, run_worker
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.streams import tensor_source
+from rayoodkd.engine.teacher_inference import NoGradRoute
 from rayoodkd.methods import METHODS
 
 TINY_MOSAIC = {"mosaickd.nz": 8, "mosaickd.ngf": 4, "mosaickd.ndf": 4, "mosaickd.kd_steps": 1}
@@ -326,16 +327,30 @@ def test_step_metrics_are_averaged_on_the_device_and_images_are_summed() -> None
     assert pending.flush() == {}
 
 
-@pytest.mark.parametrize("speedup", ["channels_last", "compile"])
-def test_channels_last_and_compile_train_like_the_eager_contiguous_run(
-    tmp_path: Path, tiny_teacher: Path, speedup: str
+def test_the_worker_fuses_the_teacher_unless_asked_to_keep_it_as_loaded(
+    tmp_path: Path, bn_teacher: Path
+) -> None:
+    fused = Worker(_config(bn_teacher), _session(tmp_path / "fused"))
+    assert isinstance(fused.teacher.forward, NoGradRoute)
+    assert fused.method.teacher is fused.teacher
+    loaded = Worker(_config(bn_teacher, teacher_inference="as_loaded"), _session(tmp_path / "loaded"))
+    assert "forward" not in vars(loaded.teacher)
+
+
+@pytest.mark.parametrize(
+    "speedup",
+    [{"teacher_inference": "fused"}, {"channels_last": "true"}, {"compile": "true"}],
+    ids=["fused_teacher", "channels_last", "compile"],
+)
+def test_the_speedups_train_like_the_eager_contiguous_run(
+    tmp_path: Path, bn_teacher: Path, speedup: dict[str, str]
 ) -> None:
     """The same arithmetic up to float reassociation, the same state dict keys (a checkpoint of one loads
     into the other)."""
     plain = _session(tmp_path / "plain")
-    run_worker(_config(tiny_teacher, "mosaickd", **TINY_MOSAIC), plain)
+    run_worker(_config(bn_teacher, "mosaickd", **TINY_MOSAIC, teacher_inference="as_loaded"), plain)
     fast = _session(tmp_path / "fast")
-    run_worker(_config(tiny_teacher, "mosaickd", **TINY_MOSAIC, **{speedup: "true"}), fast)
+    run_worker(_config(bn_teacher, "mosaickd", **TINY_MOSAIC, **speedup), fast)
     assert fast.reports[-1]["loss/kd"] == pytest.approx(plain.reports[-1]["loss/kd"], rel=1e-3)
     players_plain = load_state(plain.checkpoints[-1])["players"]
     players_fast = load_state(fast.checkpoints[-1])["players"]

@@ -37,6 +37,7 @@ from rayoodkd.engine.evaluation import EvalSet, score
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
+from rayoodkd.engine.teacher_inference import route_no_grad_forwards
 from rayoodkd.engine.tracking import Tracker, open_store_in_background
 from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
@@ -148,6 +149,24 @@ def prepare_modules(modules: list[nn.Module], cfg: BaseRunConfig) -> None:
             module.compile()
 
 
+def prepare_teacher(
+    teacher: nn.Module, info: TeacherInfo, cfg: BaseRunConfig, device: torch.device
+) -> str | None:
+    """The frozen teacher made ready as configured, in place (``teacher_inference``, ``channels_last``,
+    ``compile``); returns why a fused teacher was not possible, if it was asked for and was not."""
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    reason = None
+    if cfg.teacher_inference == "fused":
+        example = torch.rand(2, info.channels, info.image_size, info.image_size, device=device)
+        reason = route_no_grad_forwards(teacher, example, compile=cfg.compile)
+        if reason is None:
+            return None
+    if cfg.compile:
+        teacher.compile()
+    return reason
+
+
 def build_method(cfg: BaseRunConfig, teacher: nn.Module, student: nn.Module, ctx: RunContext) -> Method:
     """The configured method around ``teacher`` and ``student``; its stages checked."""
     method = METHODS.get(cfg.method)(teacher, student, cfg.method_config(), ctx)
@@ -192,7 +211,10 @@ class Worker:
         self.ctx.stream_rows = dict(session.stream_rows)
         student = build_student(self.cfg, self.teacher_info, self.device)
         self.method = build_method(self.cfg, self.teacher, student, self.ctx)
-        prepare_modules([self.teacher, *self.method.players().values()], self.cfg)
+        prepare_modules(list(self.method.players().values()), self.cfg)
+        unfused = prepare_teacher(self.teacher, self.teacher_info, self.cfg, self.device)
+        if unfused:
+            self.say(f"teacher_inference=fused: {unfused}; its forwards run as loaded")
         if self.ctx.amp_dtype == torch.float16:
             self.ctx.scalers.update({name: torch.amp.GradScaler("cuda") for name in self.method.optimizers()})
         self.streams = DeviceStreams(

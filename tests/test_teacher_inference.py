@@ -1,0 +1,93 @@
+"""The frozen teacher's no-grad forwards through a fused copy (``teacher_inference=fused``)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import torch
+from torch import Tensor, nn
+
+from rayoodkd.engine.teacher_inference import NoGradRoute, route_no_grad_forwards
+from rayoodkd.models import build_classifier
+
+
+def _bn_teacher() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_classifier("cnn_small", num_classes=10, in_channels=1, image_size=28)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 28, 28) * 2 + 0.5)  # running statistics far from (0, 1)
+    return model.eval().requires_grad_(False)
+
+
+def _batchnorm_calls(model: nn.Module) -> list[bool]:
+    """Records, per call of the first BatchNorm layer of ``model``, whether grad was enabled."""
+    calls: list[bool] = []
+    first = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    first.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    return calls
+
+
+def test_no_grad_forwards_run_the_fused_copy_and_agree_with_the_module_while_grad_forwards_stay() -> None:
+    teacher, reference = _bn_teacher(), _bn_teacher()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        expected = reference(x)
+    x_grad = x.clone().requires_grad_(True)
+    reference(x_grad).square().sum().backward()
+    keys = list(teacher.state_dict())
+
+    assert route_no_grad_forwards(teacher, torch.rand(2, 1, 28, 28)) is None
+    calls = _batchnorm_calls(teacher)
+    with torch.no_grad():
+        got = teacher(x)
+    assert calls == []  # the fused copy has no BatchNorm layer: the module's layers did not run
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, expected)  # folding reassociates the arithmetic: a different code path
+    routed_grad = x.clone().requires_grad_(True)
+    teacher(routed_grad).square().sum().backward()
+    assert calls == [True]  # with grad: the module as loaded, hooks on its layers included
+    assert torch.equal(routed_grad.grad, x_grad.grad)
+    assert isinstance(teacher.forward, NoGradRoute) and list(teacher.state_dict()) == keys
+
+
+def test_a_copy_or_a_pickle_of_a_routed_teacher_is_a_plain_module() -> None:
+    teacher = _bn_teacher()
+    assert route_no_grad_forwards(teacher, torch.rand(2, 1, 28, 28)) is None
+    x = torch.randn(4, 1, 28, 28)
+    for clone in (copy.deepcopy(teacher), pickle.loads(pickle.dumps(teacher))):
+        assert not isinstance(clone.forward, NoGradRoute) and clone.forward.__self__ is clone
+        calls = _batchnorm_calls(clone)
+        with torch.no_grad():
+            clone(x)
+        assert calls == [False]
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y  # a branch on data: torch.fx cannot trace it
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + torch.randn(1)  # two calls never agree
+
+
+def test_a_teacher_that_cannot_be_fused_faithfully_stays_as_loaded() -> None:
+    for model, reason in ((_DataDependent(), "torch.fx cannot trace it"), (_Noisy(), "differ")):
+        model.eval().requires_grad_(False)
+        explained = route_no_grad_forwards(model, torch.rand(2, 1, 8, 8))
+        assert explained is not None and reason in explained
+        assert "forward" not in vars(model)
