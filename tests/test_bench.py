@@ -86,3 +86,35 @@ def test_the_results_benches_take_overrides_for_every_run_wherever_they_stand(
     args = parse_bench_arguments("", argv)
     assert args.configs == ["mnist-kd-web", "mnist-kd3-web kd3.select=false"] and args.seeds == [0, 1]
     assert args.override == ["num_workers=0", "data.labelled.per_class=50"]
+
+
+def test_the_teacher_inference_bench_times_the_loaded_and_the_fused_teacher_and_their_agreement(
+    tmp_path: Path,
+) -> None:
+    args = ["--archs", "cnn_small", "--classes", "10", "--channels", "1", "--image-size", "28"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "teacher_inference.py"),
+            *args,
+            "--batch-size",
+            "4",
+            "--reps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=True,
+    )
+    rows = re.findall(
+        r"^\| cnn_small \| (\w+) \| ([\w ]+) \| ([0-9.]+) \| ([0-9.]+) \| (\S+) \|$", result.stdout, re.M
+    )
+    assert [(precision, setting) for precision, setting, *_ in rows] == [
+        (precision, setting)
+        for precision in ("fp32", "bf16")
+        for setting in ("as_loaded", "as_loaded channels_last", "fused")
+    ]
+    fp32_fused = rows[2]
+    assert float(fp32_fused[2]) > 0 and 0 < float(fp32_fused[4]) < 1e-3  # folded: not bit-equal, but close

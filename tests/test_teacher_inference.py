@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import pickle
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from rayoodkd.engine.teacher_inference import NoGradRoute, route_no_grad_forwards
-from rayoodkd.models import build_classifier
+from rayoodkd.models import CLASSIFIERS, build_classifier
 
 
 def _bn_teacher() -> nn.Module:
@@ -91,3 +92,27 @@ def test_a_teacher_that_cannot_be_fused_faithfully_stays_as_loaded() -> None:
         explained = route_no_grad_forwards(model, torch.rand(2, 1, 8, 8))
         assert explained is not None and reason in explained
         assert "forward" not in vars(model)
+
+
+# The source's VGG applies its fourth pooling only to 64 px inputs, a branch on the input's shape.
+UNTRACEABLE = {"vgg11_bn": "torch.fx cannot trace it"}
+
+
+@pytest.mark.parametrize("arch", [*sorted(CLASSIFIERS.names()), "torchvision:resnet18"])
+def test_every_builtin_classifier_is_fused_and_agrees_with_its_module(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(arch, num_classes=10, in_channels=3, image_size=32)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval().requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    reason = route_no_grad_forwards(model, torch.rand(2, 3, 32, 32))
+    if arch in UNTRACEABLE:
+        assert reason is not None and UNTRACEABLE[arch] in reason and "forward" not in vars(model)
+        return
+    assert reason is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)

@@ -214,7 +214,7 @@ class Worker:
         prepare_modules(list(self.method.players().values()), self.cfg)
         unfused = prepare_teacher(self.teacher, self.teacher_info, self.cfg, self.device)
         if unfused:
-            self.say(f"teacher_inference=fused: {unfused}; its forwards run as loaded")
+            self.say(f"teacher: runs as loaded, not fused (teacher_inference=fused): {unfused}")
         if self.ctx.amp_dtype == torch.float16:
             self.ctx.scalers.update({name: torch.amp.GradScaler("cuda") for name in self.method.optimizers()})
         self.streams = DeviceStreams(
