@@ -95,7 +95,9 @@ def main() -> None:
                     model.to(memory_format=torch.channels_last)
                     batch = x.contiguous(memory_format=torch.channels_last)
                 elif setting.startswith("fused"):
-                    reason = route_no_grad_forwards(model, x[:2], compile=setting == "fused compiled")
+                    reason = route_no_grad_forwards(
+                        model, (2, *shape[1:]), compile=setting == "fused compiled"
+                    )
                     if reason:
                         raise SystemExit(f"{arch}: not fused: {reason}")
                 ms, out = milliseconds(model, batch, opts.reps, precision)

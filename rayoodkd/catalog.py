@@ -38,6 +38,7 @@ TOP_LEVEL_KEYS = (
     "amp_dtype",
     "channels_last",
     "compile",
+    "teacher_inference",
     "backend",
     "tracking_uri",
     "experiment_name",

@@ -330,11 +330,21 @@ def test_step_metrics_are_averaged_on_the_device_and_images_are_summed() -> None
 def test_the_worker_fuses_the_teacher_unless_asked_to_keep_it_as_loaded(
     tmp_path: Path, bn_teacher: Path
 ) -> None:
+    def batchnorm_calls_without_grad(worker: Worker) -> int:
+        calls: list[bool] = []
+        for layer in worker.method.teacher.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.register_forward_hook(lambda *_: calls.append(True))
+        with torch.no_grad():
+            worker.method.teacher(torch.rand(2, 1, 28, 28))
+        return len(calls)
+
     fused = Worker(_config(bn_teacher), _session(tmp_path / "fused"))
-    assert isinstance(fused.teacher.forward, NoGradRoute)
-    assert fused.method.teacher is fused.teacher
+    assert isinstance(fused.teacher.forward, NoGradRoute) and fused.method.teacher is fused.teacher
+    assert batchnorm_calls_without_grad(fused) == 0  # the method's no-grad calls run the folded copy
     loaded = Worker(_config(bn_teacher, teacher_inference="as_loaded"), _session(tmp_path / "loaded"))
     assert "forward" not in vars(loaded.teacher)
+    assert batchnorm_calls_without_grad(loaded) > 0
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_no_grad_forwards_run_the_fused_copy_and_agree_with_the_module_while_gra
     reference(x_grad).square().sum().backward()
     keys = list(teacher.state_dict())
 
-    assert route_no_grad_forwards(teacher, torch.rand(2, 1, 28, 28)) is None
+    assert route_no_grad_forwards(teacher, (2, 1, 28, 28)) is None
     calls = _batchnorm_calls(teacher)
     with torch.no_grad():
         got = teacher(x)
@@ -56,7 +56,7 @@ def test_no_grad_forwards_run_the_fused_copy_and_agree_with_the_module_while_gra
 
 def test_a_copy_or_a_pickle_of_a_routed_teacher_is_a_plain_module() -> None:
     teacher = _bn_teacher()
-    assert route_no_grad_forwards(teacher, torch.rand(2, 1, 28, 28)) is None
+    assert route_no_grad_forwards(teacher, (2, 1, 28, 28)) is None
     x = torch.randn(4, 1, 28, 28)
     for clone in (copy.deepcopy(teacher), pickle.loads(pickle.dumps(teacher))):
         assert not isinstance(clone.forward, NoGradRoute) and clone.forward.__self__ is clone
@@ -87,9 +87,10 @@ class _Noisy(nn.Module):
 
 
 def test_a_teacher_that_cannot_be_fused_faithfully_stays_as_loaded() -> None:
+    torch.manual_seed(0)
     for model, reason in ((_DataDependent(), "torch.fx cannot trace it"), (_Noisy(), "differ")):
         model.eval().requires_grad_(False)
-        explained = route_no_grad_forwards(model, torch.rand(2, 1, 8, 8))
+        explained = route_no_grad_forwards(model, (2, 1, 8, 8))
         assert explained is not None and reason in explained
         assert "forward" not in vars(model)
 
@@ -109,10 +110,55 @@ def test_every_builtin_classifier_is_fused_and_agrees_with_its_module(arch: str)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-    reason = route_no_grad_forwards(model, torch.rand(2, 3, 32, 32))
+    reason = route_no_grad_forwards(model, (2, 3, 32, 32))
     if arch in UNTRACEABLE:
         assert reason is not None and UNTRACEABLE[arch] in reason and "forward" not in vars(model)
         return
     assert reason is None
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Flattening(nn.Module):
+    """A LeNet-style head: ``.view`` of the feature map, which an NHWC map does not allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_a_teacher_whose_forward_needs_nchw_is_fused_in_nchw() -> None:
+    torch.manual_seed(0)
+    model = _Flattening().eval().requires_grad_(False)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    assert route_no_grad_forwards(model, (2, 1, 8, 8)) is None
+    assert model.forward.inference.conv.weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_on_the_teacher_before_routing_see_only_its_grad_forwards() -> None:
+    """BNStatistics hooks the teacher when the method is built, before the engine routes it; the layers of
+    the fused copy that keep their BatchNorm (wrn's pre-activation bn1) must not bring the hooks along."""
+    torch.manual_seed(0)
+    model = (
+        build_classifier("wrn16_1", num_classes=10, in_channels=3, image_size=32).eval().requires_grad_(False)
+    )
+    calls: list[bool] = []
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    assert route_no_grad_forwards(model, (2, 3, 32, 32)) is None
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.forward.inference.modules())
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert calls == []
+    model(torch.randn(2, 3, 32, 32).requires_grad_(True))
+    assert calls and all(calls)

@@ -149,17 +149,15 @@ def prepare_modules(modules: list[nn.Module], cfg: BaseRunConfig) -> None:
             module.compile()
 
 
-def prepare_teacher(
-    teacher: nn.Module, info: TeacherInfo, cfg: BaseRunConfig, device: torch.device
-) -> str | None:
+def prepare_teacher(teacher: nn.Module, info: TeacherInfo, cfg: BaseRunConfig) -> str | None:
     """The frozen teacher made ready as configured, in place (``teacher_inference``, ``channels_last``,
     ``compile``); returns why a fused teacher was not possible, if it was asked for and was not."""
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
     reason = None
     if cfg.teacher_inference == "fused":
-        example = torch.rand(2, info.channels, info.image_size, info.image_size, device=device)
-        reason = route_no_grad_forwards(teacher, example, compile=cfg.compile)
+        example_shape = (2, info.channels, info.image_size, info.image_size)
+        reason = route_no_grad_forwards(teacher, example_shape, compile=cfg.compile)
         if reason is None:
             return None
     if cfg.compile:
@@ -212,7 +210,7 @@ class Worker:
         student = build_student(self.cfg, self.teacher_info, self.device)
         self.method = build_method(self.cfg, self.teacher, student, self.ctx)
         prepare_modules(list(self.method.players().values()), self.cfg)
-        unfused = prepare_teacher(self.teacher, self.teacher_info, self.cfg, self.device)
+        unfused = prepare_teacher(self.teacher, self.teacher_info, self.cfg)
         if unfused:
             self.say(f"teacher: runs as loaded, not fused (teacher_inference=fused): {unfused}")
         if self.ctx.amp_dtype == torch.float16:

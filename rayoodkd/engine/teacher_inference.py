@@ -7,66 +7,99 @@ folded into the convolution before it (``torch.fx``) and channels-last weights, 
 weight freezing when ``compile=true``. The second kind, the teacher's other methods (``forward_features``,
 …) and hooks on its layers stay on the module as loaded. The weights are the same numbers; the arithmetic
 is reassociated (logits agree to ~1e-5 in fp32).
+
+The copy is a snapshot: the teacher must not change after routing (the engine never changes it).
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
+import copy
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
-# The fused copy must give the loaded teacher's logits up to reassociation; anything further off means the
-# trace did not capture what the module does (Python-side state, data-dependent branches).
-_AGREEMENT = 1e-3
+# In float64 the fused copy gives the module's logits up to reassociation (~1e-12 of their scale); anything
+# further off means the trace did not capture what the module does (Python-side state, randomness).
+_AGREEMENT = 1e-6
 
 
-def _class_forward(module: nn.Module) -> Callable[..., Any]:
-    return types.MethodType(type(module).forward, module)
+def _class_forward(module: nn.Module) -> Any:
+    return type(module).forward.__get__(module)
 
 
 class NoGradRoute:
     """``teacher.forward`` while routed: no-grad calls to the inference copy, the others to the class's
     forward. A copy of the routed teacher (``copy.deepcopy``, pickling) is a plain module again."""
 
-    def __init__(self, teacher: nn.Module, inference: Callable[..., Any], grad_forward: Callable[..., Any]):
-        self.teacher = teacher
-        self.inference = inference
-        self.grad_forward = grad_forward
+    def __init__(self, teacher: nn.Module, inference: nn.Module, compile: bool) -> None:
+        self.teacher = weakref.ref(teacher)  # the teacher holds this object: no reference cycle
+        self.inference = torch.compile(inference, options={"freezing": True}) if compile else inference
+        self.grad_forward = torch.compile(type(teacher).forward) if compile else type(teacher).forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            return self.grad_forward(*args, **kwargs)
+            return self.grad_forward(self.teacher(), *args, **kwargs)
         return self.inference(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         # copy.deepcopy registers the teacher's copy in memo before copying its __dict__ (where this lives).
-        clone = memo.get(id(self.teacher))
+        clone = memo.get(id(self.teacher()))
         return self if clone is None else _class_forward(clone)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _class_forward, (self.teacher,)
+        return _class_forward, (self.teacher(),)
 
 
-def route_no_grad_forwards(teacher: nn.Module, example: Tensor, compile: bool = False) -> str | None:
-    """Route ``teacher``'s no-grad forwards through a fused, channels-last copy (in place; the module keeps
-    its identity, class, parameters and state-dict keys). ``example`` is a small input batch for the
-    agreement check. Returns None when routed, else why not (the teacher is then left as it was)."""
-    try:
-        inference = fuse(teacher).to(memory_format=torch.channels_last)
-    except Exception as error:  # torch.fx cannot trace every module; any failure leaves the module as is
-        return f"torch.fx cannot trace it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """``module`` with the forward hooks its layers brought from the teacher (``fuse`` deep-copies them)
+    removed: they belong to the module as loaded (``BNStatistics``)."""
+    for layer in module.modules():
+        for hooks in (layer._forward_hooks, layer._forward_pre_hooks, layer._forward_hooks_with_kwargs):
+            hooks.clear()
+    return module
+
+
+def _disagreement(teacher: nn.Module, inference: nn.Module, example: Tensor) -> float:
+    """Largest logit difference of the two on ``example``, in float64 on the CPU (no TF32, no
+    device-dependent kernels), relative to the logits' scale."""
     with torch.no_grad():
-        expected, got = teacher(example).float(), inference(example).float()
-    tolerance = _AGREEMENT * expected.abs().max().clamp_min(1.0)
-    if expected.shape != got.shape or (got - expected).abs().max() > tolerance:
-        return "the traced copy's logits differ from the module's (its forward is not a static graph)"
-    grad_forward = _class_forward(teacher)
-    if compile:
-        inference = torch.compile(inference, options={"freezing": True})
-        grad_forward = torch.compile(grad_forward)
-    teacher.forward = NoGradRoute(teacher, inference, grad_forward)
-    return None
+        expected = _without_hooks(copy.deepcopy(teacher)).to("cpu", torch.float64)(example)
+        got = copy.deepcopy(inference).to("cpu", torch.float64)(example)
+    if expected.shape != got.shape:
+        return float("inf")
+    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+
+
+def route_no_grad_forwards(
+    teacher: nn.Module, example_shape: tuple[int, ...], compile: bool = False
+) -> str | None:
+    """Route ``teacher``'s no-grad forwards through a fused copy (in place; the module keeps its identity,
+    class, parameters and state-dict keys), channels-last when its forward allows it. ``example_shape`` is
+    the shape of the small batch the copy must reproduce the module's logits on (the same batch on every
+    rank). Returns None when routed, else why not (the teacher is then left as it was)."""
+    try:
+        inference = _without_hooks(fuse(teacher))
+    except Exception as error:  # torch.fx cannot trace every module (Python control flow on the input)
+        return f"torch.fx cannot trace it ({_first_line(error)})"
+    example = torch.rand(example_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        inference.to(memory_format=memory_format)
+        try:
+            off = _disagreement(teacher, inference, example.contiguous(memory_format=memory_format))
+        except Exception as error:  # e.g. a .view() of an NHWC feature map: try NCHW, then give up
+            reason = f"its traced copy does not run ({_first_line(error)})"
+            continue
+        if off > _AGREEMENT:
+            return f"the traced copy's logits differ from the module's by {off:.1e} of their scale"
+        teacher.forward = NoGradRoute(teacher, inference, compile)
+        return None
+    return reason
+
+
+def _first_line(error: Exception) -> str:
+    return (
+        f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
+    )

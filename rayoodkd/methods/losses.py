@@ -58,8 +58,8 @@ class BNStatistics:
 
     μ_l, σ²_l are the statistics of the BN layer's *input*. Every forward overwrites them, so read
     :meth:`loss` right after the forward of the batch you mean (spec §1.3 pitfall). Forwards under
-    ``torch.no_grad()`` record nothing: a fused teacher (``teacher_inference=fused``) runs them on a copy the
-    hooks do not see, and the module's own no-grad forwards clear what was recorded.
+    ``torch.no_grad()`` record nothing: a fused teacher (``teacher_inference=fused``) runs them on a copy
+    without these hooks, and the module's own no-grad forwards clear what was recorded.
     """
 
     def __init__(self, model: nn.Module, variant: BNVariant = "sum") -> None:
