@@ -37,7 +37,7 @@ from rayoodkd.engine.evaluation import EvalSet, score
 from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
-from rayoodkd.engine.teacher_inference import route_no_grad_forwards
+from rayoodkd.engine.teacher_inference import NOTHING_TO_FOLD, route_no_grad_forwards
 from rayoodkd.engine.tracking import Tracker, open_store_in_background
 from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
@@ -211,7 +211,7 @@ class Worker:
         self.method = build_method(self.cfg, self.teacher, student, self.ctx)
         prepare_modules(list(self.method.players().values()), self.cfg)
         unfused = prepare_teacher(self.teacher, self.teacher_info, self.cfg)
-        if unfused:
+        if unfused and unfused != NOTHING_TO_FOLD:
             self.say(f"teacher: runs as loaded, not fused (teacher_inference=fused): {unfused}")
         if self.ctx.amp_dtype == torch.float16:
             self.ctx.scalers.update({name: torch.amp.GradScaler("cuda") for name in self.method.optimizers()})

@@ -21,6 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
+# Why a teacher stays as loaded without a console line: the copy would differ only in memory format, which
+# ``channels_last`` already decides (LeNet-5 has no BatchNorm).
+NOTHING_TO_FOLD = "it has no BatchNorm right after a convolution"
+
 # In float64 the fused copy gives the module's logits up to reassociation (~1e-12 of their scale); anything
 # further off means the trace did not capture what the module does (Python-side state, randomness).
 _AGREEMENT = 1e-6
@@ -84,6 +88,8 @@ def route_no_grad_forwards(
         inference = _without_hooks(fuse(teacher))
     except Exception as error:  # torch.fx cannot trace every module (Python control flow on the input)
         return f"torch.fx cannot trace it ({_first_line(error)})"
+    if _batchnorm_count(inference) == _batchnorm_count(teacher):
+        return NOTHING_TO_FOLD
     example = torch.rand(example_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for memory_format in (torch.channels_last, torch.contiguous_format):
         inference.to(memory_format=memory_format)
@@ -97,6 +103,10 @@ def route_no_grad_forwards(
         teacher.forward = NoGradRoute(teacher, inference, compile)
         return None
     return reason
+
+
+def _batchnorm_count(module: nn.Module) -> int:
+    return sum(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
 
 
 def _first_line(error: Exception) -> str:
