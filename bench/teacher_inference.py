@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also the compiled, weight-frozen fused copy")
+    parser.add_argument(
+        "--matmul", action="store_true", help="first, the fp32 matmul rate on these threads (a ceiling)"
+    )
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -79,6 +82,12 @@ def main() -> None:
     shape = (opts.batch_size, opts.channels, opts.image_size, opts.image_size)
     threads = torch.get_num_threads()
     print(f"device {device}, threads {threads}, batch {list(shape)}, torch {torch.__version__}\n")
+    if opts.matmul:
+        for n in (2048, 4096):
+            a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+            ms, _ = milliseconds(lambda x, b=b: x @ b, a, opts.reps, "fp32")
+            print(f"fp32 matmul {n}×{n}: {2 * n**3 / ms / 1e6:.0f} GFLOP/s (median of {opts.reps})")
+        print()
     print("| arch | precision | teacher | ms / forward | vs as_loaded | max logit diff |")
     print("|---|---|---|---|---|---|")
     settings = ["as_loaded", "as_loaded channels_last", "fused"] + (
