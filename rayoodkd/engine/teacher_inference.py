@@ -18,8 +18,10 @@ import weakref
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.fx.experimental.optimization import fuse
+
+from rayoodkd.errors import one_line
 
 # Why a teacher stays as loaded without a console line: the copy would differ only in memory format, which
 # ``channels_last`` already decides (LeNet-5 has no BatchNorm).
@@ -66,15 +68,9 @@ def _without_hooks(module: nn.Module) -> nn.Module:
     return module
 
 
-def _disagreement(teacher: nn.Module, inference: nn.Module, example: Tensor) -> float:
-    """Largest logit difference of the two on ``example``, in float64 on the CPU (no TF32, no
-    device-dependent kernels), relative to the logits' scale."""
-    with torch.no_grad():
-        expected = _without_hooks(copy.deepcopy(teacher)).to("cpu", torch.float64)(example)
-        got = copy.deepcopy(inference).to("cpu", torch.float64)(example)
-    if expected.shape != got.shape:
-        return float("inf")
-    return float((got - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+def _float64_on_cpu(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` without hooks, in float64 on the CPU: no TF32, no device-dependent kernels."""
+    return _without_hooks(copy.deepcopy(module)).to("cpu", torch.float64)
 
 
 def route_no_grad_forwards(
@@ -87,29 +83,30 @@ def route_no_grad_forwards(
     try:
         inference = _without_hooks(fuse(teacher))
     except Exception as error:  # torch.fx cannot trace every module (Python control flow on the input)
-        return f"torch.fx cannot trace it ({_first_line(error)})"
+        return f"torch.fx cannot trace it ({one_line(error)})"
     if _batchnorm_count(inference) == _batchnorm_count(teacher):
         return NOTHING_TO_FOLD
     example = torch.rand(example_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for memory_format in (torch.channels_last, torch.contiguous_format):
-        inference.to(memory_format=memory_format)
+    with torch.no_grad():
         try:
-            off = _disagreement(teacher, inference, example.contiguous(memory_format=memory_format))
-        except Exception as error:  # e.g. a .view() of an NHWC feature map: try NCHW, then give up
-            reason = f"its traced copy does not run ({_first_line(error)})"
-            continue
-        if off > _AGREEMENT:
-            return f"the traced copy's logits differ from the module's by {off:.1e} of their scale"
-        teacher.forward = NoGradRoute(teacher, inference, compile)
-        return None
+            expected = _float64_on_cpu(teacher)(example)
+        except Exception as error:  # a teacher that runs only on its device or in its own dtype
+            return f"it does not run in float64 on the CPU for the check ({one_line(error)})"
+        reason = ""
+        for memory_format in (torch.channels_last, torch.contiguous_format):
+            inference.to(memory_format=memory_format)
+            try:
+                got = _float64_on_cpu(inference)(example.contiguous(memory_format=memory_format))
+            except Exception as error:  # e.g. a .view() of an NHWC feature map: try NCHW, then give up
+                reason = f"its traced copy does not run ({one_line(error)})"
+                continue
+            scale = expected.abs().max().clamp_min(1.0)
+            if got.shape != expected.shape or (got - expected).abs().max() > _AGREEMENT * scale:
+                return "the traced copy's logits differ from the module's"
+            teacher.forward = NoGradRoute(teacher, inference, compile)
+            return None
     return reason
 
 
 def _batchnorm_count(module: nn.Module) -> int:
     return sum(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
-
-
-def _first_line(error: Exception) -> str:
-    return (
-        f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if str(error) else type(error).__name__
-    )
