@@ -109,19 +109,24 @@ assert not heavy, f"--help imported {heavy}"
     assert text.startswith("usage: rayoodkd") and all(c.summary in text for c in cli.COMMANDS.values())
 
 
-def test_a_run_imports_sklearn_only_for_ta_dfkd() -> None:
+def test_a_run_imports_sklearn_only_for_ta_dfkd_and_mlflow_only_to_log(tmp_path: Path) -> None:
     """The driver (launch) and every Ray worker (the training loop) import all methods; scikit-learn costs
-    ~1 s to import there and only TA-DFKD's GMM uses it (docs/benchmarks.md, start-up)."""
+    ~1 s to import there and only TA-DFKD's GMM uses it; MLflow costs ~1 s and only rank 0 logs
+    (docs/benchmarks.md, start-up)."""
     code = """
 import sys
 import torch
 import rayoodkd.engine.loop, rayoodkd.launch
-assert "sklearn" not in sys.modules
+loaded = sorted(m for m in ("sklearn", "mlflow") if m in sys.modules)
+assert not loaded, f"the training loop imported {loaded}"
 from rayoodkd.methods.tadfkd import gmm_select
 assert gmm_select(torch.tensor([0.1, 0.12, 0.9, 0.95]), 0.5, 0).mask.tolist() == [True, True, False, False]
+from rayoodkd.engine.tracking import open_store_in_background
+client = open_store_in_background("sqlite:///" + sys.argv[1] + "/mlflow.db").result()
+assert client.search_experiments()[0].name == "Default"
 print("lazy ok")
 """
-    assert "lazy ok" in _run([sys.executable, "-c", code], ROOT)
+    assert "lazy ok" in _run([sys.executable, "-c", code, str(tmp_path)], ROOT)
 
 
 def test_help_lists_each_command_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:

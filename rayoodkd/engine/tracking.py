@@ -3,6 +3,9 @@
 The local default is a sqlite store with a real artifact directory under the run's ``storage_path``
 (MLflow 3 refuses the old file store, and an experiment created inside a Ray worker would put its artifacts
 in Ray's temporary session directory). Any MLflow URI works, a tracking server included.
+
+MLflow is imported where it is first used (1.1 s of a 2-core machine): only rank 0 of a run writes to the
+store, and it imports MLflow in the thread that opens the store during its set-up; the other ranks never do.
 """
 
 from __future__ import annotations
@@ -11,17 +14,18 @@ import math
 import os
 import shlex
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 from rayoodkd.storage import is_remote, local_path
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -39,12 +43,19 @@ def default_tracking_uri(storage_path: str) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def _mlflow_client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
 def open_store_in_background(tracking_uri: str) -> Future[MlflowClient]:
-    """A client of the tracking store, made in a thread: its first connection in a process (SQLAlchemy, the
-    schema check) takes 0.7 s of a 2-core machine, which rank 0 overlaps with its set-up. MLflow keeps the
-    store per URI, so the clients made after ``.result()`` (which re-raises what failed) find it open."""
+    """A client of the tracking store, made in a thread: importing MLflow and its first connection in a
+    process (SQLAlchemy, the schema check) take 1.1 s and 0.7 s of a 2-core machine, which rank 0 overlaps
+    with its set-up. MLflow keeps the store per URI, so the clients made after ``.result()`` (which re-raises
+    what failed) find it open."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
-    opened = pool.submit(MlflowClient, tracking_uri)
+    opened = pool.submit(_mlflow_client, tracking_uri)
     pool.shutdown(wait=False)
     return opened
 
@@ -77,14 +88,14 @@ class Tracker:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.client = MlflowClient(tracking_uri)
+        self.client = _mlflow_client(tracking_uri)
 
     @classmethod
     def create(
         cls, tracking_uri: str, storage_path: str, experiment_name: str, run_name: str, tags: dict[str, str]
     ) -> Tracker:
         """A new run in ``experiment_name`` (created with a durable artifact location if missing)."""
-        client = MlflowClient(tracking_uri)
+        client = _mlflow_client(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             experiment_id = client.create_experiment(
@@ -108,12 +119,16 @@ class Tracker:
         return f"{base}/#/experiments/{experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
 
     def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        timestamp = int(mlflow.utils.time.get_current_time_millis())
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
         items = [
             Metric(_metric_key(k), float(v), timestamp, step)
             for k, v in metrics.items()
@@ -134,6 +149,8 @@ class Tracker:
         return dict(self.client.get_run(self.run_id).data.tags)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
