@@ -34,6 +34,8 @@ def quiet_python_loggers() -> None:
     warnings are advice about the cluster, not about the run)."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    # MLflow is imported on first use (rayoodkd.engine.tracking) and then resets its logger to this level.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(QUIET_LOGGERS["mlflow"]))
 
 
 def quiet_ray_data(ray_logs: bool, progress_bars: bool = False) -> None:
