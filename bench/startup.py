@@ -3,6 +3,7 @@
     python bench/startup.py                         # the demo, 3 runs after one that warms the caches
     python bench/startup.py --config mnist-mosaickd-letters --runs 2 num_workers=1
     python bench/startup.py --submit --runs 2       # `ray job submit` to a running local cluster
+    python bench/startup.py --job-overhead --runs 3 # jobs that only print a line: Ray's own share of a job
 
 Each run is ``python -m rayoodkd.train --config CONFIG max_steps=2 eval.every=2`` in a fresh process and its
 own storage (a new MLflow store each time, as a first run in a new directory has). The warm-up run fills the
@@ -20,6 +21,11 @@ then every run is ``ray job submit --working-dir REPO -- python -m rayoodkd.trai
 ``clusters/local.sh submit``, timed from the submit command to the job's first-step line (the upload of the
 working dir, the job's driver start and its log streaming included); ``ray`` is then the time to join the
 cluster. The cluster is torn down at the end, even on failure.
+
+``--job-overhead`` submits, on the same kind of cluster, jobs that run no rayoodkd code: ``print`` prints a
+line, ``import`` imports ``rayoodkd.launch`` (the driver's modules) and then prints it; each is timed from
+the submit command to that line, so what a job costs before ``launch()`` splits into Ray's job machinery
+(the submit CLI, the working dir's upload, the job supervisor, the driver's process) and our imports.
 """
 
 from __future__ import annotations
@@ -116,6 +122,43 @@ def one_run(
     return {"command": first_step} | {p: float(tags.get(f"startup/{p}_s", "nan")) for p in PHASES}
 
 
+EMPTY_JOBS = {
+    "print": "print('FIRST LINE', flush=True)",
+    "import": "import rayoodkd.launch; print('FIRST LINE', flush=True)",
+}
+
+
+def empty_job(code: str, cluster: dict[str, str]) -> float:
+    """Seconds from ``local.sh submit -- python -c CODE`` to the job's line that starts with FIRST LINE."""
+    command = ["bash", str(LOCAL_SH), "submit", "--", "python", "-c", code]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster
+    )
+    first_line = None
+    for line in process.stdout:
+        if first_line is None and line.startswith("FIRST LINE"):
+            first_line = time.perf_counter() - started
+    if process.wait() != 0 or first_line is None:
+        raise SystemExit(f"job failed or printed no first line: {code}")
+    return first_line
+
+
+def job_overhead(runs: int) -> None:
+    """``runs`` jobs of each kind in :data:`EMPTY_JOBS`, alternating, after one warm-up of each."""
+    times: dict[str, list[float]] = {name: [] for name in EMPTY_JOBS}
+    with local_cluster() as cluster:
+        for index in range(runs + 1):
+            for name, code in EMPTY_JOBS.items():
+                seconds = empty_job(code, cluster)
+                label = "warm-up" if index == 0 else f"run {index}"
+                print(f"{label} {name}: first line after {seconds:.2f} s")
+                if index:
+                    times[name].append(seconds)
+    for name, values in times.items():
+        print(f"{name}: median {statistics.median(values):.2f} s to the first line ({runs} jobs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,8 +168,16 @@ def main() -> None:
     parser.add_argument(
         "--submit", action="store_true", help="submit every run as a job to a running local cluster"
     )
+    parser.add_argument(
+        "--job-overhead",
+        action="store_true",
+        help="instead of runs, time jobs that only print a line (and import rayoodkd's driver modules)",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.job_overhead:
+        job_overhead(args.runs)
+        return
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="rayoodkd-startup-") as scratch,

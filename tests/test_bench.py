@@ -1,5 +1,5 @@
 """The bench scripts that tests can afford: bench/gpu.py at a tiny size on CPU, bench/ingest.py's corpora, the
-teacher panel's report."""
+teacher panel's report, bench/ray_processes.py's accounting."""
 
 from __future__ import annotations
 
@@ -118,3 +118,38 @@ def test_the_teacher_inference_bench_times_the_loaded_and_the_fused_teacher_and_
     ]
     fp32_fused = rows[2]
     assert float(fp32_fused[2]) > 0 and 0 < float(fp32_fused[4]) < 1e-3  # folded: not bit-equal, but close
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ray_processes_bench_charges_the_cpu_to_the_process_and_thread_that_burn_it() -> None:
+    burner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nwhile True:\n    time.sleep(0.01)\n    sum(range(200000))",
+            "burner",
+        ]
+    )
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "ray_processes.py"),
+                "--window",
+                "2",
+                "--threads-of",
+                "burner",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        burner.kill()
+    rows = re.findall(r"^ *([0-9.]+) %  +(\d+)  ", result.stdout, re.MULTILINE)
+    shares = {int(pid): float(share) for share, pid in rows}
+    assert shares[burner.pid] > 5 and shares[burner.pid] == max(shares.values())
+    # its one thread sleeps 10 ms between bursts: ~100 wake-ups a second, which is what the bench counts
+    threads = re.findall(r"^ *([0-9.]+) % +(\d+)/s  python$", result.stdout, re.MULTILINE)
+    assert len(threads) == 1 and 50 < int(threads[0][1]) <= 110
