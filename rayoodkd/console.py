@@ -27,6 +27,10 @@ QUIET_LOGGERS = {
     "mlflow": logging.WARNING,
     "alembic": logging.WARNING,
 }
+# Raylet messages to the driver that are advice about Ray's own scheduling, not about the run: with
+# fractional CPU requests (a sweep's trials, Ray Data's tasks) Ray starts more worker processes than it has
+# CPUs, and says so.
+RAYLET_ADVICE = ("worker processes have been started on node",)
 
 
 def quiet_python_loggers() -> None:
@@ -68,7 +72,25 @@ def show_only_marked_worker_lines() -> bool:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", marked_only)
+    _drop_raylet_advice(ray_worker)
     return True
+
+
+def _drop_raylet_advice(ray_worker: types.ModuleType) -> None:
+    """Messages the raylet pushes to the driver (worker deaths, out-of-memory kills) reach the console through
+    ``print_to_stdstream``, not the worker-log printer; they still do, but for :data:`RAYLET_ADVICE`."""
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "drops_raylet_advice", False):
+        return
+
+    def without_advice(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet" and any(a in line for line in lines for a in RAYLET_ADVICE):
+            return
+        printer(data, ignore_prefix)
+
+    without_advice.drops_raylet_advice = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = without_advice
 
 
 class TuneLog:

@@ -12,7 +12,10 @@ from ray._private import worker as ray_worker
 from rayoodkd.console import MARK, format_duration, show_only_marked_worker_lines
 
 
-def test_only_marked_worker_lines_reach_the_console(capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_marked_worker_lines_reach_the_console(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     saved = list(dispatcher.handlers)
     seen: list[dict] = []
@@ -35,6 +38,27 @@ def test_only_marked_worker_lines_reach_the_console(capsys: pytest.CaptureFixtur
         dispatcher.handlers = saved
     assert seen == []  # Ray's own printer was replaced, not called
     assert capsys.readouterr().out == "step 25/1500   2%  kd 0.44  4,021 img/s  ETA 2m31s\n"
+
+
+def test_the_raylets_advice_is_dropped_and_its_errors_still_shown(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", print)])
+    assert show_only_marked_worker_lines()
+    assert show_only_marked_worker_lines()  # a second call does not wrap the printer twice
+    advice = (
+        "WARNING: 8 PYTHON worker processes have been started on node: c904 with address: 192.0.2.2, "
+        "which is 4x the maximum expected startup concurrency (2)."
+    )
+    died = "A worker died or was killed while executing a task by an unexpected system error."
+    for line in (advice, died):
+        ray_worker.print_to_stdstream(
+            {"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False
+        )
+    out = capsys.readouterr().out
+    assert died in out and "PYTHON worker processes" not in out
 
 
 def test_without_ray_forwarding_nothing_is_replaced() -> None:
