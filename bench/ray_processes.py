@@ -3,11 +3,12 @@ the processes that match a pattern, with their wake-ups per second.
 
     python bench/ray_processes.py --window 30                                  # whatever runs now
     python bench/ray_processes.py --window 30 --threads-of ray::RayTrainWorker  # beside a training run
-    python bench/ray_processes.py --idle-actors 3 --window 30 --threads-of ray::Idle
+    python bench/ray_processes.py --idle-actors 3 --window 30 --threads-of ray::NoWork
 
 Run it beside a training run (e.g. the perf harness's ``ours_ray`` variant) once it is in its steady state.
 ``--idle-actors N`` first starts a Ray instance of its own (2 CPUs, no dashboard) with N actors that do
-nothing, named ``Idle``: what every Ray worker process costs when it has no work. Linux only (``/proc``).
+nothing, named ``NoWork``: what every Ray worker process costs when it has no work. Linux only (``/proc``).
+Counted: every process with a command line (not kernel threads) but this script's own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Sample:
+    """One process or thread; for a process, ``name`` and ``wakeups`` are its main thread's."""
+
     name: str
     cpu_s: float
     wakeups: int
@@ -62,7 +65,10 @@ def _snapshot(threads_of: list[str]) -> tuple[dict[str, tuple[str, Sample]], dic
             continue
         processes[pid] = (command, sample)
         if any(pattern in command for pattern in threads_of):
-            tids = os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:  # it ended since
+                continue
             threads[pid] = {tid: s for tid in tids if (s := _stat(f"/proc/{pid}/task/{tid}")) is not None}
     return processes, threads
 
@@ -89,11 +95,15 @@ def report(window: float, threads_of: list[str]) -> None:
     print(f"{sum(shares):7.1f} %  all ({sum(shares[1:]):.1f} % but the busiest)")
     for pid, threads in after_threads.items():
         print(f"\nthreads of {pid} ({after_processes[pid][0][:60]}): % of one core, wake-ups per second")
-        for tid, after in sorted(threads.items(), key=lambda item: -item[1].cpu_s):
-            before = before_threads.get(pid, {}).get(tid)
-            if before is not None and (after.cpu_s > before.cpu_s or after.wakeups > before.wakeups):
-                share = 100 * (after.cpu_s - before.cpu_s) / elapsed
-                print(f"{share:7.2f} %  {(after.wakeups - before.wakeups) / elapsed:6.0f}/s  {after.name}")
+        earlier = before_threads.get(pid, {})
+        rows = [
+            (after.cpu_s - earlier[tid].cpu_s, after.wakeups - earlier[tid].wakeups, after.name)
+            for tid, after in threads.items()
+            if tid in earlier
+        ]
+        for cpu_s, wakeups, name in sorted(rows, reverse=True):
+            if cpu_s > 0 or wakeups > 0:
+                print(f"{100 * cpu_s / elapsed:7.2f} %  {wakeups / elapsed:6.0f}/s  {name}")
 
 
 def main() -> None:
@@ -114,11 +124,11 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False)
 
         @ray.remote(num_cpus=0)
-        class Idle:
+        class NoWork:
             def ready(self) -> bool:
                 return True
 
-        actors = [Idle.remote() for _ in range(args.idle_actors)]
+        actors = [NoWork.remote() for _ in range(args.idle_actors)]
         ray.get([actor.ready.remote() for actor in actors])
         time.sleep(5)  # past the actors' start
     report(args.window, args.threads_of)

@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.job_overhead:
+        if args.submit or args.overrides or args.config != "demo":
+            parser.error("--job-overhead runs jobs of its own: no --submit, --config or overrides")
         job_overhead(args.runs)
         return
     rows = []

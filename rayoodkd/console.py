@@ -27,8 +27,8 @@ QUIET_LOGGERS = {
     "mlflow": logging.WARNING,
     "alembic": logging.WARNING,
 }
-# Raylet messages to the driver that are advice about Ray's own scheduling, not about the run: with
-# fractional CPU requests (a sweep's trials, Ray Data's tasks) Ray starts more worker processes than it has
+# Raylet messages to the driver that are advice about Ray's own scheduling, not about the run: with the
+# fractional CPU requests of a sweep's or a comparison's trials Ray starts more worker processes than it has
 # CPUs, and says so.
 RAYLET_ADVICE = ("worker processes have been started on node",)
 
@@ -84,9 +84,11 @@ def _drop_raylet_advice(ray_worker: types.ModuleType) -> None:
         return
 
     def without_advice(data: dict[str, Any], ignore_prefix: bool) -> None:
-        lines = data.get("lines", [])
-        if data.get("pid") == "raylet" and any(a in line for line in lines for a in RAYLET_ADVICE):
-            return
+        if data.get("pid") == "raylet":
+            lines = [line for line in data.get("lines", []) if not any(a in line for a in RAYLET_ADVICE)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
         printer(data, ignore_prefix)
 
     without_advice.drops_raylet_advice = True  # type: ignore[attr-defined]

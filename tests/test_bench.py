@@ -122,34 +122,25 @@ def test_the_teacher_inference_bench_times_the_loaded_and_the_fused_teacher_and_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_ray_processes_bench_charges_the_cpu_to_the_process_and_thread_that_burn_it() -> None:
-    burner = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time\nwhile True:\n    time.sleep(0.01)\n    sum(range(200000))",
-            "burner",
-        ]
-    )
+    burn = "import time\nwhile True:\n    time.sleep(0.01)\n    sum(range(200000))"
+    burner = subprocess.Popen([sys.executable, "-c", burn, "burner"])
+    bench = [
+        sys.executable,
+        str(ROOT / "bench" / "ray_processes.py"),
+        "--window",
+        "2",
+        "--threads-of",
+        "burner",
+    ]
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "ray_processes.py"),
-                "--window",
-                "2",
-                "--threads-of",
-                "burner",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        result = subprocess.run(bench, capture_output=True, text=True, timeout=60, check=True)
     finally:
         burner.kill()
+        burner.wait()
     rows = re.findall(r"^ *([0-9.]+) %  +(\d+)  ", result.stdout, re.MULTILINE)
     shares = {int(pid): float(share) for share, pid in rows}
-    assert shares[burner.pid] > 5 and shares[burner.pid] == max(shares.values())
-    # its one thread sleeps 10 ms between bursts: ~100 wake-ups a second, which is what the bench counts
-    threads = re.findall(r"^ *([0-9.]+) % +(\d+)/s  python$", result.stdout, re.MULTILINE)
+    assert shares[burner.pid] > 5  # ~20 % of a core alone; less on a busy machine, never nothing
+    # its one thread sleeps 10 ms between bursts: about 100 wake-ups a second, which the bench counts
+    (section,) = re.findall(rf"^threads of {burner.pid} .*?(?=^threads of |\Z)", result.stdout, re.M | re.S)
+    threads = re.findall(r"^ *([0-9.]+) % +(\d+)/s  ", section, re.MULTILINE)
     assert len(threads) == 1 and 50 < int(threads[0][1]) <= 110

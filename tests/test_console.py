@@ -47,7 +47,9 @@ def test_the_raylets_advice_is_dropped_and_its_errors_still_shown(
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", print)])
     assert show_only_marked_worker_lines()
-    assert show_only_marked_worker_lines()  # a second call does not wrap the printer twice
+    wrapped = ray_worker.print_to_stdstream
+    assert show_only_marked_worker_lines()
+    assert ray_worker.print_to_stdstream is wrapped  # a second call does not wrap the printer twice
     advice = (
         "WARNING: 8 PYTHON worker processes have been started on node: c904 with address: 192.0.2.2, "
         "which is 4x the maximum expected startup concurrency (2)."
