@@ -300,7 +300,7 @@ def run_compare(
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
-    from rayoodkd.tune import trials_that_fit
+    from rayoodkd.tune import concurrent_trials
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
@@ -360,8 +360,9 @@ def run_compare(
     results = collect_results(cells, trials, tracker.tracking_uri)
     finished = {r.run_name for r in results if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
-    fits = trials_that_fit([build_config(cell.config) for cell in cells], driver_cpus)
-    concurrent = min(fits, max_concurrent or len(cells))
+    configs = [build_config(cell.config) for cell in cells]
+    requested_as = f"--max-concurrent {max_concurrent}"
+    concurrent = min(concurrent_trials(max_concurrent, configs, driver_cpus, requested_as, log), len(cells))
     log(
         f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
@@ -467,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-concurrent",
         type=int,
-        help="runs at once (default: what the cluster fits; 1 for clean timings)",
+        help="runs at once (default: what the cluster fits, also the most on a cluster without an "
+        "autoscaler; 1 for clean timings)",
     )
     return parser
 

@@ -280,7 +280,7 @@ def preflight(
     return teacher_path, tracking_uri
 
 
-def _autoscaler_present() -> bool:
+def autoscaler_present() -> bool:
     """Whether the connected cluster runs an autoscaler that may add nodes (what ``ray status`` reads)."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
@@ -328,7 +328,7 @@ def check_cluster_fits(cfg: BaseRunConfig, log: Any = print, poll_s: float = 5.0
         has = {name: float(total.get(name, 0.0)) for name in need}
         if all(has[name] + 1e-9 >= value for name, value in need.items()):
             return
-        can_grow = _autoscaler_present()
+        can_grow = autoscaler_present()
         now = time.monotonic()
         if not can_grow or now >= deadline:
             waited = f" after waiting {now - started:.0f} s for the autoscaler" if can_grow else ""

@@ -95,7 +95,12 @@ class SweepSpace(Section):
     scheduler: SchedulerSpace = SchedulerSpace()
     num_samples: int = Field(1, ge=1, description="repeats of the grid, or random samples")
     trial: TrialResources = TrialResources()
-    max_concurrent_trials: int | None = Field(None, ge=1, description="null: what the cluster's CPUs allow")
+    max_concurrent_trials: int | None = Field(
+        None,
+        ge=1,
+        description="null: what the cluster's CPUs allow; more is lowered to that on a cluster without an "
+        "autoscaler",
+    )
     max_failures: int = Field(0, ge=0, description="Tune-level retries of a crashed trial")
     start_stage: str | None = Field(
         None,
@@ -407,15 +412,19 @@ def _paths(space: SweepSpace, cfg: BaseRunConfig) -> SweepPaths:
     return SweepPaths(f"{storage}/{space.name}", cfg.tracking_uri or default_tracking_uri(cfg.storage_path))
 
 
+def _cpus_per_trial(configs: list[BaseRunConfig], driver_cpus: float) -> float:
+    """CPUs one trial holds, sized for the largest config: its driver's and its workers' (a run with
+    ``num_workers=0`` trains in its trial: it counts as one worker)."""
+    return max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
+
+
 def trials_that_fit(configs: list[BaseRunConfig], driver_cpus: float) -> int:
     """Runs of these configs (one Tune trial each) that fit on the cluster at once, sized for the largest,
-    leaving half a CPU for Ray Data's read tasks (spec/ray.md P5, P7). A run with ``num_workers=0`` trains
-    in its trial: it counts as one worker."""
+    leaving half a CPU for Ray Data's read tasks (spec/ray.md P5, P7)."""
     import ray
 
     resources = ray.cluster_resources()
-    per_trial = max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
-    fits = int((resources.get("CPU", 1) - 0.5) // per_trial)
+    fits = int((resources.get("CPU", 1) - 0.5) // _cpus_per_trial(configs, driver_cpus))
     on_gpus = [c for c in configs if c.use_gpu]
     if on_gpus:
         per_trial_gpus = max(max(c.num_workers, 1) * c.resources.gpus_per_worker for c in on_gpus)
@@ -423,9 +432,29 @@ def trials_that_fit(configs: list[BaseRunConfig], driver_cpus: float) -> int:
     return max(fits, 1)
 
 
-def _max_concurrent(space: SweepSpace, cfg: BaseRunConfig) -> int:
-    """The space's own cap, else the trials that fit."""
-    return space.max_concurrent_trials or trials_that_fit([cfg], space.trial.driver_cpus)
+def concurrent_trials(
+    requested: int | None, configs: list[BaseRunConfig], driver_cpus: float, requested_as: str, log: Any
+) -> int:
+    """Trials to run at once: ``requested`` (``None``: what the cluster fits), lowered to what a cluster
+    without an autoscaler fits, saying so. Tune would start more trial drivers than there are CPUs left for
+    their workers, whose placement groups would then wait for ever (docs/sweeps.md, Resources).
+    ``requested_as`` names the setting in that line."""
+    import ray
+
+    from rayoodkd.preflight import autoscaler_present
+
+    fits = trials_that_fit(configs, driver_cpus)
+    if requested is None:
+        return fits
+    if requested <= fits or autoscaler_present():
+        return requested
+    log(
+        f"{requested_as}: this Ray cluster fits {fits} trial(s) at once, each holding "
+        f"{_cpus_per_trial(configs, driver_cpus):g} CPU (trial driver and workers) of its "
+        f"{ray.cluster_resources().get('CPU', 0):g} CPU, less 0.5 kept for Ray Data; running {fits} at once "
+        "(lower resources.cpus_per_worker or add nodes to run more)"
+    )
+    return fits
 
 
 def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
@@ -534,7 +563,13 @@ def run_sweep(
                 mode=space.mode,
                 num_samples=space.num_samples,
                 scheduler=_scheduler(space, cfg),
-                max_concurrent_trials=_max_concurrent(space, cfg),
+                max_concurrent_trials=concurrent_trials(
+                    space.max_concurrent_trials,
+                    [cfg],
+                    space.trial.driver_cpus,
+                    f"max_concurrent_trials={space.max_concurrent_trials}",
+                    log,
+                ),
             ),
             run_config=tune.RunConfig(
                 name="tune",

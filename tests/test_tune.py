@@ -16,6 +16,7 @@ from rayoodkd.tune import (
     TrialRow,
     _trial_id,
     best_yaml,
+    concurrent_trials,
     load_space,
     main,
     results_csv,
@@ -154,6 +155,19 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
+def test_more_trials_at_once_than_a_fixed_cluster_fits_are_lowered_saying_why(ray_local) -> None:
+    # Each trial holds 0.5 CPU for its driver and 2 x 0.5 for its workers: one fits in 2 CPUs less 0.5.
+    cfg = resolve_config("demo", [])
+    lines: list[str] = []
+    assert concurrent_trials(3, [cfg], 0.5, "max_concurrent_trials=3", lines.append) == 1
+    assert lines and lines[0].startswith("max_concurrent_trials=3: this Ray cluster fits 1 trial(s) at once")
+    assert "1.5 CPU" in lines[0]
+    lines.clear()
+    assert concurrent_trials(None, [cfg], 0.5, "", lines.append) == 1
+    assert concurrent_trials(2, [resolve_config("demo", ["num_workers=1"])], 0.25, "", lines.append) == 2
+    assert lines == []
+
+
 def test_asha_sweep_stops_trials_and_nests_mlflow_runs(
     tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]
 ) -> None:
