@@ -29,6 +29,7 @@ import re
 import shlex
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -261,7 +262,9 @@ def plot_curves(results: list[CellResult], path: Path, name: str) -> None:
         axes.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("% of the run's steps" if by_fraction else "step")
     axes.set_ylabel("val top-1 (%)")
-    axes.set_title(f"{name}: validation top-1, mean ± std over seeds", fontsize=10)
+    # A comparison's name runs to ~70 characters (every config and the seed count): on lines of its own.
+    title = [*textwrap.wrap(name, 80, break_on_hyphens=True), "validation top-1, mean ± std over seeds"]
+    axes.set_title("\n".join(title), fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()

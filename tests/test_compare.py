@@ -81,8 +81,12 @@ def test_the_table_is_mean_and_sample_std_per_config_and_the_plot_has_bands(tmp_
     assert row_a == "| a | 2/2 | 90.00 ± 1.41 | 92.00 ± 1.41 | 91.00 ± 1.41 | 10.50 | 100.00 |"
     row_b = next(line for line in table.splitlines() if line.startswith("| b |"))
     assert row_b.startswith("| b | 1/2 | 69.00 | 71.00 | 70.00 |")
-    plot_curves(results, tmp_path / "curves.png", "t")
-    assert Image.open(tmp_path / "curves.png").size == (900, 540)
+    name = "mnist-dfq-vs-mnist-tadfkd-vs-mnist-dfad-vs-mnist-deepinv-seeds3-8b7e4ff6"  # a real one
+    plot_curves(results, tmp_path / "curves.png", name)
+    image = Image.open(tmp_path / "curves.png").convert("L")
+    assert image.size == (900, 540)
+    title_band = [image.getpixel((x, y)) for y in range(40) for x in (*range(3), *range(897, 900))]
+    assert min(title_band) > 200  # the title is not cut off at the figure's edges
 
 
 def test_an_interrupted_run_counts_in_no_mean() -> None:
