@@ -262,8 +262,8 @@ def plot_curves(results: list[CellResult], path: Path, name: str) -> None:
         axes.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes.set_xlabel("% of the run's steps" if by_fraction else "step")
     axes.set_ylabel("val top-1 (%)")
-    # A comparison's name runs to ~70 characters (every config and the seed count): on lines of its own.
-    title = [*textwrap.wrap(name, 80, break_on_hyphens=True), "validation top-1, mean ± std over seeds"]
+    # A comparison's name runs to ~100 characters (its configs, the seed count, a hash): on lines of its own.
+    title = [*textwrap.wrap(name, 70), "validation top-1, mean ± std over seeds"]
     axes.set_title("\n".join(title), fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -364,8 +364,16 @@ def run_compare(
     finished = {r.run_name for r in results if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
     configs = [build_config(cell.config) for cell in cells]
-    requested_as = f"--max-concurrent {max_concurrent}"
-    concurrent = min(concurrent_trials(max_concurrent, configs, driver_cpus, requested_as, log), len(cells))
+    requested = None if max_concurrent is None else min(max_concurrent, max(len(pending), 1))
+    concurrent = concurrent_trials(
+        requested,
+        configs,
+        driver_cpus,
+        f"--max-concurrent {max_concurrent}",
+        "lower resources.cpus_per_worker, or add nodes",
+        log,
+    )
+    concurrent = min(concurrent, max(len(pending), 1))
     log(
         f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"

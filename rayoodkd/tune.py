@@ -98,8 +98,8 @@ class SweepSpace(Section):
     max_concurrent_trials: int | None = Field(
         None,
         ge=1,
-        description="null: what the cluster's CPUs allow; more is lowered to that on a cluster without an "
-        "autoscaler",
+        description="null: what the cluster's CPUs (and GPUs) allow; more is lowered to that on a cluster "
+        "without an autoscaler",
     )
     max_failures: int = Field(0, ge=0, description="Tune-level retries of a crashed trial")
     start_stage: str | None = Field(
@@ -418,43 +418,70 @@ def _cpus_per_trial(configs: list[BaseRunConfig], driver_cpus: float) -> float:
     return max(driver_cpus + max(c.num_workers, 1) * c.resources.cpus_per_worker for c in configs)
 
 
-def trials_that_fit(configs: list[BaseRunConfig], driver_cpus: float) -> int:
-    """Runs of these configs (one Tune trial each) that fit on the cluster at once, sized for the largest,
-    leaving half a CPU for Ray Data's read tasks (spec/ray.md P5, P7)."""
+def _fit(configs: list[BaseRunConfig], driver_cpus: float) -> tuple[int, str]:
+    """(runs of these configs that fit on the cluster at once, what limits them, in words)."""
     import ray
 
     resources = ray.cluster_resources()
-    fits = int((resources.get("CPU", 1) - 0.5) // _cpus_per_trial(configs, driver_cpus))
+    cpus, per_trial = resources.get("CPU", 1), _cpus_per_trial(configs, driver_cpus)
+    fits = int((cpus - 0.5) // per_trial)
+    workers = per_trial - driver_cpus
+    limit = (
+        f"this Ray cluster's {cpus:g} CPU, less 0.5 kept for Ray Data, fit {max(fits, 1)} trial at once at "
+        f"{per_trial:g} CPU each ({driver_cpus:g} for the trial's driver, {workers:g} for its workers)"
+    )
     on_gpus = [c for c in configs if c.use_gpu]
     if on_gpus:
+        gpus = resources.get("GPU", 0)
         per_trial_gpus = max(max(c.num_workers, 1) * c.resources.gpus_per_worker for c in on_gpus)
-        fits = min(fits, int(resources.get("GPU", 0) // per_trial_gpus))
-    return max(fits, 1)
+        if gpus // per_trial_gpus < fits:
+            fits = int(gpus // per_trial_gpus)
+            limit = (
+                f"this Ray cluster's {gpus:g} GPU fit {max(fits, 1)} trial at once at {per_trial_gpus:g} GPU "
+                "each (its workers')"
+            )
+    return max(fits, 1), limit
+
+
+def trials_that_fit(configs: list[BaseRunConfig], driver_cpus: float) -> int:
+    """Runs of these configs (one Tune trial each) that fit on the cluster at once, sized for the largest,
+    leaving half a CPU for Ray Data's read tasks (spec/ray.md P5, P7)."""
+    return _fit(configs, driver_cpus)[0]
 
 
 def concurrent_trials(
-    requested: int | None, configs: list[BaseRunConfig], driver_cpus: float, requested_as: str, log: Any
+    requested: int | None,
+    configs: list[BaseRunConfig],
+    driver_cpus: float,
+    requested_as: str,
+    to_run_more: str,
+    log: Any,
 ) -> int:
     """Trials to run at once: ``requested`` (``None``: what the cluster fits), lowered to what a cluster
     without an autoscaler fits, saying so. Tune would start more trial drivers than there are CPUs left for
     their workers, whose placement groups would then wait for ever (docs/sweeps.md, Resources).
-    ``requested_as`` names the setting in that line."""
-    import ray
-
+    ``requested_as`` names the setting in that line, ``to_run_more`` says what would fit more."""
     from rayoodkd.preflight import autoscaler_present
 
-    fits = trials_that_fit(configs, driver_cpus)
+    fits, limit = _fit(configs, driver_cpus)
     if requested is None:
         return fits
     if requested <= fits or autoscaler_present():
         return requested
-    log(
-        f"{requested_as}: this Ray cluster fits {fits} trial(s) at once, each holding "
-        f"{_cpus_per_trial(configs, driver_cpus):g} CPU (trial driver and workers) of its "
-        f"{ray.cluster_resources().get('CPU', 0):g} CPU, less 0.5 kept for Ray Data; running {fits} at once "
-        "(lower resources.cpus_per_worker or add nodes to run more)"
-    )
+    log(f"{requested_as}: {limit}; running {fits} at once ({to_run_more})")
     return fits
+
+
+def _trial_sizes(space: SweepSpace, base: dict[str, Any]) -> list[BaseRunConfig]:
+    """The configs a trial can have, for sizing: the base, and the base with each edge value of each searched
+    key (a search over ``num_workers`` or the resources makes some trials larger than the base)."""
+    configs = [build_config(base)]
+    for key, domain in space.search.items():
+        for value in _representatives(domain):
+            trial = copy.deepcopy(base)
+            set_dotted(trial, key.split("."), value)
+            configs.append(build_config(trial))
+    return configs
 
 
 def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
@@ -565,9 +592,10 @@ def run_sweep(
                 scheduler=_scheduler(space, cfg),
                 max_concurrent_trials=concurrent_trials(
                     space.max_concurrent_trials,
-                    [cfg],
+                    _trial_sizes(space, base),
                     space.trial.driver_cpus,
                     f"max_concurrent_trials={space.max_concurrent_trials}",
+                    "lower trial.cpus_per_worker or trial.driver_cpus, or add nodes",
                     log,
                 ),
             ),

@@ -155,19 +155,30 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_more_trials_at_once_than_a_fixed_cluster_fits_are_lowered_saying_why(ray_local) -> None:
+def test_more_trials_at_once_than_a_fixed_cluster_fits_are_lowered_saying_why(
+    ray_local, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Each trial holds 0.5 CPU for its driver and 2 x 0.5 for its workers: one fits in 2 CPUs less 0.5.
     cfg = resolve_config("demo", [])
     lines: list[str] = []
-    assert concurrent_trials(3, [cfg], 0.5, "max_concurrent_trials=3", lines.append) == 1
-    assert lines and lines[0].startswith("max_concurrent_trials=3: this Ray cluster fits 1 trial(s) at once")
-    assert "1.5 CPU" in lines[0]
+    assert concurrent_trials(3, [cfg], 0.5, "max_concurrent_trials=3", "lower X", lines.append) == 1
+    assert lines == [
+        "max_concurrent_trials=3: this Ray cluster's 2 CPU, less 0.5 kept for Ray Data, fit 1 trial at once "
+        "at 1.5 CPU each (0.5 for the trial's driver, 1 for its workers); running 1 at once (lower X)"
+    ]
     lines.clear()
-    assert concurrent_trials(None, [cfg], 0.5, "", lines.append) == 1
-    assert concurrent_trials(2, [resolve_config("demo", ["num_workers=1"])], 0.25, "", lines.append) == 2
+    assert concurrent_trials(None, [cfg], 0.5, "", "", lines.append) == 1
+    small = resolve_config("demo", ["num_workers=1"])  # 0.25 + 0.5: two fit
+    assert concurrent_trials(1, [small], 0.25, "", "", lines.append) == 1  # a smaller request stands
+    assert concurrent_trials(2, [small], 0.25, "", "", lines.append) == 2
+    assert concurrent_trials(2, [small, cfg], 0.25, "", "", lines.append) == 1  # sized for the largest
+    assert lines and lines.pop().startswith(": this Ray cluster's 2 CPU")
+    monkeypatch.setattr("rayoodkd.preflight.autoscaler_present", lambda: True)
+    assert concurrent_trials(3, [cfg], 0.5, "", "", lines.append) == 3  # an autoscaler adds nodes for them
     assert lines == []
 
 
+@pytest.mark.ray
 def test_asha_sweep_stops_trials_and_nests_mlflow_runs(
     tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]
 ) -> None:
