@@ -363,17 +363,16 @@ def run_compare(
     results = collect_results(cells, trials, tracker.tracking_uri)
     finished = {r.run_name for r in results if r.status == "FINISHED"}
     pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
-    configs = [build_config(cell.config) for cell in cells]
-    requested = None if max_concurrent is None else min(max_concurrent, max(len(pending), 1))
+    most = max(len(pending), 1)
     concurrent = concurrent_trials(
-        requested,
-        configs,
+        None if max_concurrent is None else min(max_concurrent, most),
+        [build_config(cell.config) for cell in cells],
         driver_cpus,
         f"--max-concurrent {max_concurrent}",
         "lower resources.cpus_per_worker, or add nodes",
         log,
     )
-    concurrent = min(concurrent, max(len(pending), 1))
+    concurrent = min(concurrent, most)
     log(
         f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"

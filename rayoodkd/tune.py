@@ -232,14 +232,7 @@ def load_space(ref: str, overrides: list[str] | None = None) -> tuple[SweepSpace
             f"metric: {space.metric} is not reported; eval.topk is {list(topk)} (add overrides: {{eval.topk: "
             f"{sorted({*topk, int(wanted.group(1))})}}})"
         )
-    for key, domain in space.search.items():
-        for value in _representatives(domain):
-            trial = copy.deepcopy(base)
-            set_dotted(trial, key.split("."), value)
-            try:
-                build_config(trial)
-            except ConfigError as error:
-                raise ConfigError(f"search.{key} = {value!r}: {error}") from None
+    _edge_trials(space, base)  # every searched value makes a valid config, before any trial starts
     return space, base
 
 
@@ -472,15 +465,19 @@ def concurrent_trials(
     return fits
 
 
-def _trial_sizes(space: SweepSpace, base: dict[str, Any]) -> list[BaseRunConfig]:
-    """The configs a trial can have, for sizing: the base, and the base with each edge value of each searched
-    key (a search over ``num_workers`` or the resources makes some trials larger than the base)."""
-    configs = [build_config(base)]
+def _edge_trials(space: SweepSpace, base: dict[str, Any]) -> list[BaseRunConfig]:
+    """The base with each edge value of each searched key, built (a bad value names its key): checked before
+    any trial starts, and what a trial can be when sizing them (a search over ``num_workers`` or the
+    resources makes some trials larger than the base)."""
+    configs = []
     for key, domain in space.search.items():
         for value in _representatives(domain):
             trial = copy.deepcopy(base)
             set_dotted(trial, key.split("."), value)
-            configs.append(build_config(trial))
+            try:
+                configs.append(build_config(trial))
+            except ConfigError as error:
+                raise ConfigError(f"search.{key} = {value!r}: {error}") from None
     return configs
 
 
@@ -592,7 +589,7 @@ def run_sweep(
                 scheduler=_scheduler(space, cfg),
                 max_concurrent_trials=concurrent_trials(
                     space.max_concurrent_trials,
-                    _trial_sizes(space, base),
+                    [cfg, *_edge_trials(space, base)],
                     space.trial.driver_cpus,
                     f"max_concurrent_trials={space.max_concurrent_trials}",
                     "lower trial.cpus_per_worker or trial.driver_cpus, or add nodes",
