@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -95,6 +95,20 @@ def local_cluster() -> Iterator[dict[str, str]]:
         shutil.rmtree(env["RAYOODKD_LOCAL_DIR"], ignore_errors=True)
 
 
+def _seconds_to_line(command: list[str], env: dict[str, str] | None, wanted: Callable[[str], bool]) -> float:
+    """Wall seconds from starting ``command`` to its first output line that is ``wanted``; the command must
+    succeed and print one."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seconds = None
+    for line in process.stdout:
+        if seconds is None and wanted(line):
+            seconds = time.perf_counter() - started
+    if process.wait() != 0 or seconds is None:
+        raise SystemExit(f"failed or printed no such line: {' '.join(command)}")
+    return seconds
+
+
 def one_run(
     config: str, overrides: list[str], storage: Path, cluster: dict[str, str] | None = None
 ) -> dict[str, float]:
@@ -108,14 +122,7 @@ def one_run(
         command, env = train, None
     else:
         command, env = ["bash", str(LOCAL_SH), "submit", "--", *train], cluster
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    first_step = None
-    for line in process.stdout:
-        if first_step is None and "first step" in line and "after launch" in line:
-            first_step = time.perf_counter() - started
-    if process.wait() != 0 or first_step is None:
-        raise SystemExit(f"run failed or printed no first-step line: {' '.join(command)}")
+    first_step = _seconds_to_line(command, env, lambda line: "first step" in line and "after launch" in line)
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     run = client.search_runs(client.get_experiment_by_name("rayoodkd").experiment_id)[0]
     tags = run.data.tags
@@ -131,17 +138,7 @@ EMPTY_JOBS = {
 def empty_job(code: str, cluster: dict[str, str]) -> float:
     """Seconds from ``local.sh submit -- python -c CODE`` to the job's line that starts with FIRST LINE."""
     command = ["bash", str(LOCAL_SH), "submit", "--", "python", "-c", code]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster
-    )
-    first_line = None
-    for line in process.stdout:
-        if first_line is None and line.startswith("FIRST LINE"):
-            first_line = time.perf_counter() - started
-    if process.wait() != 0 or first_line is None:
-        raise SystemExit(f"job failed or printed no first line: {code}")
-    return first_line
+    return _seconds_to_line(command, cluster, lambda line: line.startswith("FIRST LINE"))
 
 
 def job_overhead(runs: int) -> None:
