@@ -22,6 +22,9 @@ then every run is ``ray job submit --working-dir REPO -- python -m rayoodkd.trai
 working dir, the job's driver start and its log streaming included); ``ray`` is then the time to join the
 cluster. The cluster is torn down at the end, even on failure.
 
+To time two checkouts side by side, run each with its checkout on ``PYTHONPATH`` from a directory outside
+both: ``python -m rayoodkd.train`` puts the working directory first on ``sys.path``, ahead of ``PYTHONPATH``.
+
 ``--job-overhead`` submits, on the same kind of cluster, jobs that run no rayoodkd code: ``print`` prints a
 line, ``import`` imports ``rayoodkd.launch`` (the driver's modules) and then prints it; each is timed from
 the submit command to that line, so what a job costs before ``launch()`` splits into Ray's job machinery
