@@ -127,6 +127,7 @@ def test_a_progress_line_every_log_every_steps(tmp_path: Path, tiny_teacher: Pat
     lines = [line for line in out if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/8", "4/8", "6/8", "8/8"]
     assert all("img/s" in line and "kd " in line for line in lines)
+    assert not any("total " in line for line in lines)  # KD's one loss term, not twice
     assert "val " not in lines[0] and "val " in lines[1] and "(best " in lines[1]
     assert "ETA" in lines[0] and "ETA" not in lines[-1]
 
