@@ -242,13 +242,19 @@ def _train_on_workers(
 
     from rayoodkd.engine.ingest import RunDataConfig
     from rayoodkd.engine.loop import train_loop_per_worker
+    from rayoodkd.engine.session import block_shares
 
+    shares = {
+        name: block_shares(datasets[name], cfg.num_workers) for name in ("val", "test") if name in datasets
+    }
+    eval_blocks = {name: blocks for name, blocks in shares.items() if blocks is not None}
+    datasets = {name: dataset for name, dataset in datasets.items() if name not in eval_blocks}
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "eval_blocks": eval_blocks},
         torch_config=TorchConfig(backend=None if cfg.backend == "auto" else cfg.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

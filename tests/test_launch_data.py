@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rayoodkd.config import resolve_config
@@ -165,20 +166,36 @@ def test_the_decoded_cache_keys_what_the_reader_may_open_and_keeps_only_what_fit
     assert read_cached(fits, blocks=4) is None and not fits.path.exists()
 
 
-def test_a_materialised_eval_split_is_divided_by_blocks_and_a_lazy_one_streams(ray_local: object) -> None:
+def test_a_materialised_eval_split_reaches_the_ranks_as_its_blocks_and_a_lazy_one_streams(
+    ray_local: object,
+) -> None:
     import ray.data
 
     from rayoodkd.engine.ingest import RunDataConfig
+    from rayoodkd.engine.session import _intact_block_batches, block_shares
 
-    materialised = ray.data.range(1000).repartition(8).materialize()
+    rows = [
+        {"image": np.full((1, 2, 2), i % 251, np.uint8), "label": i, "corrupt": int(i % 97 == 0)}
+        for i in range(1000)
+    ]
+    materialised = ray.data.from_items(rows).repartition(8).materialize()
     lazy = ray.data.range(600).map_batches(lambda batch: batch)
+    shares = block_shares(materialised, 2)
+    assert block_shares(lazy, 2) is None
+
+    def read(blocks: list) -> list[int]:
+        labels = []
+        for images, batch in _intact_block_batches(blocks, 64):
+            assert len(batch) <= 64 and images.dtype == torch.uint8 and batch.dtype == torch.int64
+            assert images[:, 0, 0, 0].tolist() == [label % 251 for label in batch.tolist()]  # rows stay whole
+            labels += batch.tolist()
+        return labels
+
+    val = [read(share) for share in shares]
+    assert sorted(val[0] + val[1]) == [i for i in range(1000) if i % 97]  # no intact row lost or doubled
+    assert min(map(len, val)) > 0 and read(shares[0]) == val[0]  # each rank's share, the same every time
     node = ray_local.get_runtime_context().get_node_id()
-    shares = RunDataConfig(streams=[], eval_splits=["val", "test"]).configure(
-        {"val": materialised, "test": lazy}, world_size=2, worker_handles=None, worker_node_ids=[node, node]
+    splits = RunDataConfig(streams=[], eval_splits=["test"]).configure(
+        {"test": lazy}, world_size=2, worker_handles=None, worker_node_ids=[node, node]
     )
-    val = [[row for b in share["val"].iter_batches() for row in b["id"]] for share in shares]
-    assert sorted(val[0] + val[1]) == list(range(1000)) and min(map(len, val)) > 0  # no row lost or doubled
-    again = [row for b in shares[0]["val"].iter_batches() for row in b["id"]]
-    assert again == val[0]  # a share is the same rows at every evaluation
-    assert all(type(share["val"]).__name__ != "StreamSplitDataIterator" for share in shares)
-    assert all(type(share["test"]).__name__ == "StreamSplitDataIterator" for share in shares)
+    assert all(type(split["test"]).__name__ == "StreamSplitDataIterator" for split in splits)

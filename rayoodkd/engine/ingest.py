@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import ray.train
-from ray.data.dataset import MaterializedDataset
 
 
 class RunDataConfig(ray.train.DataConfig):
     """The training streams are split equally (the ranks step in lockstep, so a split may drop a few rows);
     the val/test splits are split with no row dropped: every rank scores its share and the counts are
-    summed, so an evaluation is exact and no worker holds the whole set. A materialised split is divided
-    by its blocks (``split(equal=False)``: its blocks are in the object store already, and no coordinator
-    actor is started for it); a lazy one streams (``streaming_split(equal=False)``)."""
+    summed, so an evaluation is exact and no worker holds the whole set. The val/test splits that come here
+    are lazy and stream (``streaming_split(equal=False)``); a materialised one reaches the workers as its
+    blocks instead (``engine.session.block_shares``)."""
 
     def __init__(self, streams: list[str], eval_splits: list[str]) -> None:
         super().__init__(datasets_to_split=[*streams, *eval_splits])
@@ -34,13 +33,9 @@ class RunDataConfig(ray.train.DataConfig):
         for name, dataset in exact.items():
             if dataset.name is None:
                 dataset.set_name(name)
-            if isinstance(dataset, MaterializedDataset):
-                shares = dataset.split(world_size, equal=False)
-                splits = [share.iterator() for share in shares]
-            else:
-                dataset = dataset.copy(dataset)
-                dataset.context.execution_options = self._resolve_execution_options(name)
-                splits = dataset.streaming_split(world_size, equal=False, locality_hints=hints)
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            splits = dataset.streaming_split(world_size, equal=False, locality_hints=hints)
             for rank, split in enumerate(splits):
                 output[rank][name] = split
         return output

@@ -76,7 +76,8 @@ class NonFiniteLoss(RuntimeError):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
-    run_worker(loop_config, RaySession(loop_config["run_dir"], loop_config["stream_rows"]))
+    session = RaySession(loop_config["run_dir"], loop_config["stream_rows"], loop_config["eval_blocks"])
+    run_worker(loop_config, session)
 
 
 def _seed_rank(seed: int, rank: int, device: torch.device) -> torch.Generator:
