@@ -32,6 +32,7 @@ from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
 RUN_FILE = "rayoodkd_run.json"
+EVAL_SPLITS = ("val", "test")
 
 
 class RunFailed(RuntimeError):
@@ -150,7 +151,7 @@ def _datasets(cfg: BaseRunConfig, info: TeacherInfo) -> tuple[dict[str, Any], di
                     f"{key}: {intact} intact images, fewer than one batch per worker (data.batch_size "
                     f"{cfg.data.batch_size} x {max(cfg.num_workers, 1)} workers); lower data.batch_size"
                 )
-            if skipped:
+            if skipped and name in consumes:  # an epoch is its intact rows; evaluation skips the rest itself
                 dataset = dataset.map_batches(_keep_intact, batch_format="numpy")
         rows_of[name] = intact
         datasets[name] = dataset
@@ -244,9 +245,7 @@ def _train_on_workers(
     from rayoodkd.engine.loop import train_loop_per_worker
     from rayoodkd.engine.session import block_shares
 
-    shares = {
-        name: block_shares(datasets[name], cfg.num_workers) for name in ("val", "test") if name in datasets
-    }
+    shares = {name: block_shares(datasets[name], cfg.num_workers) for name in EVAL_SPLITS if name in datasets}
     eval_blocks = {name: blocks for name, blocks in shares.items() if blocks is not None}
     datasets = {name: dataset for name, dataset in datasets.items() if name not in eval_blocks}
     resources = {"CPU": cfg.resources.cpus_per_worker}
@@ -269,7 +268,7 @@ def _train_on_workers(
         datasets=datasets,
         dataset_config=RunDataConfig(
             streams=sorted(METHODS.get(cfg.method).consumes),
-            eval_splits=[name for name in ("val", "test") if name in datasets],
+            eval_splits=[name for name in EVAL_SPLITS if name in datasets],
         ),
     )
     result = trainer.fit()

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from rayoodkd.config import resolve_config
+from rayoodkd.engine.session import _dataset_reader, _intact_block_batches, block_shares
 from rayoodkd.launch import _datasets
 from rayoodkd.teacher_io import TeacherInfo
 
@@ -45,9 +46,12 @@ def test_an_epoch_counts_only_the_intact_images(
         ],
     )
     info = TeacherInfo("lenet5", 10, 1, 28, (0.13,), (0.31,))
-    _, corrupt, rows = _datasets(cfg, info)
+    datasets, corrupt, rows = _datasets(cfg, info)
     assert rows == {"ood": 6}
     assert corrupt.get("ood") == (2 if materialize else None)  # streamed corpora are counted by the workers
+    # An eval split keeps its corrupt rows (and, materialised, its blocks); evaluation skips them itself.
+    assert (block_shares(datasets["val"], 1) is not None) == materialize
+    assert sum(len(labels) for _, labels in _dataset_reader(datasets["val"], 4)()) == 6
 
 
 def _rows(dataset: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,7 +176,6 @@ def test_a_materialised_eval_split_reaches_the_ranks_as_its_blocks_and_a_lazy_on
     import ray.data
 
     from rayoodkd.engine.ingest import RunDataConfig
-    from rayoodkd.engine.session import _intact_block_batches, block_shares
 
     rows = [
         {"image": np.full((1, 2, 2), i % 251, np.uint8), "label": i, "corrupt": int(i % 97 == 0)}
@@ -194,6 +197,8 @@ def test_a_materialised_eval_split_reaches_the_ranks_as_its_blocks_and_a_lazy_on
     val = [read(share) for share in shares]
     assert sorted(val[0] + val[1]) == [i for i in range(1000) if i % 97]  # no intact row lost or doubled
     assert min(map(len, val)) > 0 and read(shares[0]) == val[0]  # each rank's share, the same every time
+    all_corrupt = ray.data.from_items([{**rows[0], "corrupt": 1}] * 3).materialize()
+    assert list(_intact_block_batches(block_shares(all_corrupt, 1)[0], 64)) == []  # no empty batch
     node = ray_local.get_runtime_context().get_node_id()
     splits = RunDataConfig(streams=[], eval_splits=["test"]).configure(
         {"test": lazy}, world_size=2, worker_handles=None, worker_node_ids=[node, node]

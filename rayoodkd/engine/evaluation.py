@@ -1,8 +1,8 @@
 """Accuracy of a student on a labelled set: every rank scores its own share, the counts are summed exactly.
 
-A val/test split reaches a worker as :class:`EvalSet`: its share of the split (Ray Data hands the rows out
-to the workers, none twice, none dropped), kept in memory when every worker's share fits in
-``eval.cache_mb`` and otherwise read again, streamed through Ray Data, at every evaluation.
+A val/test split reaches a worker as :class:`EvalSet`: its share of the split (the blocks of a materialised
+split, or a lazy one's rows streamed by Ray Data; none twice, none dropped), kept in memory when every
+worker's share fits in ``eval.cache_mb`` and otherwise read again at every evaluation.
 """
 
 from __future__ import annotations

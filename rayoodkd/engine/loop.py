@@ -428,8 +428,10 @@ class Worker:
         fraction = self._stage_fraction()
         first = {"loss/total": 0, "loss/kd": 1}  # the student's objective leads; then the method's order
         losses = sorted((k for k in metrics if k.startswith("loss/")), key=lambda k: first.get(k, 2))[:4]
-        if len(losses) == 2 and losses[0] == "loss/total" and metrics[losses[0]] == metrics[losses[1]]:
-            losses = losses[1:]  # a method with one loss term: its total repeats it
+        if len(losses) == 2 and losses[0] == "loss/total":
+            total, term = metrics[losses[0]], metrics[losses[1]]
+            if total == term or (math.isnan(total) and math.isnan(term)):
+                losses = losses[1:]  # a method with one loss term: its total repeats it
         parts = [f"{where} {100 * fraction:3.0f}%"]
         parts += [f"{key.removeprefix('loss/')} {metrics[key]:.4g}" for key in losses]
         if self.last_val is not None:  # a new stage has no best of its own until its first evaluation

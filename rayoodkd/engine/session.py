@@ -87,18 +87,16 @@ def _intact_batches(shard: Any, batch_size: int) -> Iterator[tuple[Tensor, Tenso
 
 
 def block_shares(dataset: Any, ranks: int) -> list[list[Any]] | None:
-    """A materialised split divided by its blocks (``split(equal=False)``: no row dropped or doubled), as
-    one list of object-store references per rank; None for a lazy split, which streams. A rank reads its
-    blocks straight from the object store, without a Ray Data execution or a round trip to Ray Train's
-    dataset manager for each split: 1.45 s of the demo's start-up on 2 cores (docs/benchmarks.md)."""
+    """A materialised split divided by its blocks, whole blocks dealt to the ranks in turn (no row dropped or
+    doubled), as one list of object-store references per rank; None for a lazy split, which streams. A rank
+    reads its blocks straight from the object store, without a Ray Data execution or a round trip to Ray
+    Train's dataset manager for each split: 1.45 s of the demo's start-up on 2 cores (docs/benchmarks.md)."""
     from ray.data.dataset import MaterializedDataset
 
     if not isinstance(dataset, MaterializedDataset):
         return None
-    shares = dataset.split(ranks, equal=False)
-    return [
-        [ref for bundle in share.iter_internal_ref_bundles() for ref in bundle.block_refs] for share in shares
-    ]
+    blocks = [ref for bundle in dataset.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    return [blocks[rank::ranks] for rank in range(ranks)]
 
 
 def _intact_block_batches(blocks: list[Any], batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -107,16 +105,28 @@ def _intact_block_batches(blocks: list[Any], batch_size: int) -> Iterator[tuple[
 
     for block in blocks:
         columns = BlockAccessor.for_block(ray.get(block)).to_batch_format("numpy")
-        keep = columns["corrupt"] == 0  # boolean indexing copies: writable arrays for torch
+        keep = columns["corrupt"] == 0
+        if not keep.any():
+            continue
+        # Boolean indexing copies: writable arrays for torch.
         images, labels = torch.from_numpy(columns["image"][keep]), torch.from_numpy(columns["label"][keep])
         yield from zip(images.split(batch_size), labels.long().split(batch_size), strict=True)
+
+
+def _dataset_reader(dataset: Any, batch_size: int) -> Callable[[], Batches]:
+    """All of a Ray dataset's intact rows, in one process (``num_workers=0``, tests)."""
+    shares = block_shares(dataset, 1)
+    if shares is not None:
+        return lambda: _intact_block_batches(shares[0], batch_size)
+    iterator = dataset.iterator()
+    return lambda: _intact_batches(iterator, batch_size)
 
 
 class RaySession:
     """A Ray Train worker: dataset shards, DDP through ``prepare_model``, ``ray.train.report`` checkpoints."""
 
     def __init__(
-        self, run_dir: str, stream_rows: dict[str, int], eval_blocks: dict[str, list[list[Any]]] | None = None
+        self, run_dir: str, stream_rows: dict[str, int], eval_blocks: dict[str, list[list[Any]]]
     ) -> None:
         """``eval_blocks``: the materialised eval splits, by name, as :func:`block_shares` divides them (the
         lazy ones come as Ray Train dataset shards)."""
@@ -129,7 +139,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.run_dir = run_dir
         self.stream_rows = stream_rows
-        self.eval_blocks = eval_blocks or {}
+        self.eval_blocks = eval_blocks
         self.console_prefix = MARK
         self.allreduce_bytes = 0
 
@@ -205,11 +215,7 @@ class DriverSession:
         return _shard_sources({name: self.datasets[name].iterator() for name in names}, data, seed, 0)
 
     def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
-        shares = block_shares(self.datasets[name], 1)
-        if shares is not None:
-            return lambda: _intact_block_batches(shares[0], batch_size)
-        iterator = self.datasets[name].iterator()
-        return lambda: _intact_batches(iterator, batch_size)
+        return _dataset_reader(self.datasets[name], batch_size)
 
     def distribute(self, module: nn.Module, options: PlayerOptions) -> nn.Module:
         return module.to(self.device)
@@ -306,8 +312,7 @@ class LocalSession:
 
     def eval_share(self, name: str, batch_size: int) -> Callable[[], Batches]:
         if hasattr(self.eval_sets[name], "iterator"):  # a Ray dataset
-            iterator = self.eval_sets[name].iterator()
-            return lambda: _intact_batches(iterator, batch_size)
+            return _dataset_reader(self.eval_sets[name], batch_size)
         images, labels = self.eval_sets[name]
         return lambda: zip(images.split(batch_size), labels.split(batch_size), strict=True)
 
