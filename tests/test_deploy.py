@@ -6,7 +6,9 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
 from rayoodkd.deploy import STUDENT, STUDENT_BEST_VAL
+from rayoodkd.engine import loop
 from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.engine.tracking import EXPERIMENT_KIND, Tracker
@@ -117,6 +120,37 @@ def test_the_run_page_leads_with_accuracy_and_keeps_bookkeeping_as_tags(
         sum(float(tags[f"startup/{phase}_s"]) for phase in phases), abs=0.05
     )
     assert float(tags["startup/total_s"]) >= 3.0
+
+
+def test_rank_0_trains_while_its_mlflow_store_opens_and_loses_no_metric_to_it(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first_step = threading.Event()
+    opened_after_first_step: list[bool] = []
+    open_now = loop.open_store_in_background
+
+    def open_after_the_first_step(uri: str) -> Future:
+        def opened() -> object:
+            opened_after_first_step.append(first_step.wait(timeout=60))
+            return open_now(uri).result()
+
+        return ThreadPoolExecutor(max_workers=1).submit(opened)
+
+    report_startup = loop.Worker._report_startup
+
+    def first_step_done(worker: loop.Worker) -> None:
+        report_startup(worker)
+        first_step.set()
+
+    monkeypatch.setattr(loop, "open_store_in_background", open_after_the_first_step)
+    monkeypatch.setattr(loop.Worker, "_report_startup", first_step_done)
+    _, tracker = _run(tmp_path, tiny_teacher)
+    assert opened_after_first_step == [True]  # the first step did not wait for the store
+    client = MlflowClient(tracker.tracking_uri)
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss/kd")] == [2, 4, 6, 8]
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "val/top1")] == [4, 8]
+    tags = client.get_run(tracker.run_id).data.tags
+    assert float(tags["startup/total_s"]) >= 3.0 and tags["rayoodkd.students_logged_at"] == "8"
 
 
 def test_a_progress_line_every_log_every_steps(tmp_path: Path, tiny_teacher: Path, capsys) -> None:

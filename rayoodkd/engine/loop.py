@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,9 @@ from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, 
 from rayoodkd.models import build_classifier
 from rayoodkd.storage import read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, load_teacher
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 THROUGHPUT_KEY = "throughput/images_per_second"
 NONFINITE_MARKER = "rayoodkd_nonfinite.json"
@@ -198,9 +201,9 @@ class Worker:
         self.session = session
         self.console_label = loop_config.get("console_label")
         self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
-        run_id = loop_config.get("mlflow_run_id")
-        store_opened = (
-            open_store_in_background(loop_config["tracking_uri"]) if self.rank == 0 and run_id else None
+        self.run_id, self.tracking_uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+        self.store_opened = (
+            open_store_in_background(self.tracking_uri) if self.rank == 0 and self.run_id else None
         )
         self.teacher, self.teacher_info = load_teacher(loop_config["teacher_path"], self.device)
         self.generator = _seed_rank(self.cfg.seed, self.rank, self.device)
@@ -241,6 +244,7 @@ class Worker:
         point = session.resume_point() if self.rank == 0 else ResumePoint()
         directory = _broadcast(point.directory, self.world_size)
         state = point.state if self.rank == 0 or directory is None else load_state(directory)
+        self.skipped_checkpoints = [skipped for skipped, _ in point.skipped]
         for skipped, reason in point.skipped:
             self.say(f"resume: skipped checkpoint {skipped}: {reason}")
         if directory and point.skipped:
@@ -265,26 +269,44 @@ class Worker:
         if self.launched_at is not None and stopped.get("launched_at") == self.launched_at:
             raise NonFiniteLoss(stopped["message"])
         self.tracker: Tracker | None = None
-        if store_opened is not None:
-            store_opened.result()
-            self.tracker = Tracker(loop_config["tracking_uri"], run_id)
+        self.monitor: SystemMetricsMonitor | None = None
+        self.startup_tags: dict[str, str] = {}
         # Steps an earlier attempt logged after its last checkpoint are re-run but not logged twice; training
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0
-        if self.tracker is not None:
-            facts = self.method.facts() | {
-                "eval.val_rows": self.val.rows,
-                "eval.test_rows": self.test.rows,
-                "eval.streamed": ",".join(
-                    n for n, s in (("val", self.val), ("test", self.test)) if s.streamed
-                )
-                or "none",
-            }
-            self.tracker.log_params({f"derived.{key}": value for key, value in facts.items()})
-            self.logged_through = self.tracker.last_logged_step(THROUGHPUT_KEY)
-            self.evaluated_through = self.tracker.last_logged_step("val/top1")
-            if point.skipped:
-                self.tracker.set_tags({"resume.skipped_checkpoints": "; ".join(d for d, _ in point.skipped)})
+
+    def _open_tracker(self) -> Tracker | None:
+        """Rank 0's MLflow run, joined at its first write rather than before the first step: the thread that
+        imports MLflow and opens the store (``open_store_in_background``) then runs alongside the first steps,
+        on the core the other rank would leave idle while waiting for rank 0 at its first all-reduce."""
+        if self.store_opened is None:
+            return self.tracker
+        store, self.store_opened = self.store_opened, None
+        store.result()
+        tracker = Tracker(self.tracking_uri, self.run_id)
+        facts = self.method.facts() | {
+            "eval.val_rows": self.val.rows,
+            "eval.test_rows": self.test.rows,
+            "eval.streamed": ",".join(n for n, s in (("val", self.val), ("test", self.test)) if s.streamed)
+            or "none",
+        }
+        tracker.log_params({f"derived.{key}": value for key, value in facts.items()})
+        self.logged_through = tracker.last_logged_step(THROUGHPUT_KEY)
+        self.evaluated_through = tracker.last_logged_step("val/top1")
+        tags = self.startup_tags
+        if self.skipped_checkpoints:
+            tags = tags | {"resume.skipped_checkpoints": "; ".join(self.skipped_checkpoints)}
+        if tags:
+            tracker.set_tags(tags)
+        if self.cfg.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                tracker.run_id, tracking_uri=self.tracking_uri, resume_logging=True
+            )
+            self.monitor.start()
+        self.tracker = tracker
+        return tracker
 
     def _eval_set(self, name: str) -> EvalSet:
         def prepare(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,8 +422,9 @@ class Worker:
             "data/corrupt_skipped": corrupt,
             THROUGHPUT_KEY: self.images_seen / max(self.train_seconds, 1e-9),
         }
-        if self.tracker is not None and self.step > self.logged_through:
-            self.tracker.log_metrics(
+        tracker = self._open_tracker()
+        if tracker is not None and self.step > self.logged_through:
+            tracker.log_metrics(
                 {**self._in_stage(metrics), THROUGHPUT_KEY: bookkeeping[THROUGHPUT_KEY]}, self.step
             )
         return {**metrics, **bookkeeping}
@@ -530,13 +553,14 @@ class Worker:
         if final:
             report.update(self._final_metrics(student))
         samples = self.method.samples()
-        if self.tracker is not None and self.step > self.evaluated_through:
+        tracker = self._open_tracker()
+        if tracker is not None and self.step > self.evaluated_through:
             logged = self._in_stage(metrics)
             series = {k: v for k, v in report.items() if k not in logged and k not in RUN_STATE}
-            self.tracker.log_metrics(series, self.step)
-            self.tracker.set_tags(self._state_tags(report))
+            tracker.log_metrics(series, self.step)
+            tracker.set_tags(self._state_tags(report))
             if samples is not None:
-                self.tracker.log_image_grid(samples[:64], "samples", self.step)
+                tracker.log_image_grid(samples[:64], "samples", self.step)
         report.update(self._in_stage(self.epoch_metrics))  # logged once, at the epoch's start
         payload = self._payload()
         if self.rank == 0:
@@ -548,7 +572,8 @@ class Worker:
         return report
 
     def _report_startup(self) -> None:
-        """Where the time from the command to the end of this attempt's first step went (rank 0)."""
+        """Where the time from the command to the end of this attempt's first step went (rank 0): printed now,
+        and tagged on the MLflow run when the run is opened at its first write (``_open_tracker``)."""
         launched_at, driver, worker_started = self.startup
         if self.rank != 0 or launched_at is None:
             return
@@ -558,12 +583,10 @@ class Worker:
         parts = [*(f"{k} {v:.1f}" for k, v in driver.items()), f"workers {workers:.1f}"]
         parts += [f"{k} {v:.1f}" for k, v in self.phases.seconds.items()]
         self.say(f"first step {total:.1f} s after launch: {', '.join(parts)}")
-        if self.tracker is not None:
-            phases = {**driver, "workers": workers, **self.phases.seconds}
-            self.tracker.set_tags(
-                {"startup/total_s": f"{total:.2f}"}
-                | {f"startup/{name.replace(' ', '_')}_s": f"{v:.2f}" for name, v in phases.items()}
-            )
+        phases = {**driver, "workers": workers, **self.phases.seconds}
+        self.startup_tags = {"startup/total_s": f"{total:.2f}"} | {
+            f"startup/{name.replace(' ', '_')}_s": f"{v:.2f}" for name, v in phases.items()
+        }
 
     def _traffic(self) -> dict[str, float]:
         """The gradient megabytes each rank all-reduced per step since the last report (none without DDP)."""
@@ -640,7 +663,7 @@ class Worker:
     def _log_deployable(self, report: dict[str, float]) -> None:
         """Rank 0, end of the run: the final and the best-on-val student as self-contained MLflow models
         (once per run: a relaunch of a finished run does not log them again)."""
-        tracker = self.tracker
+        tracker = self._open_tracker()
         if tracker is None or tracker.tags().get("rayoodkd.students_logged_at") == str(self.step):
             return
         student = self.method.deployable_student()
@@ -714,20 +737,12 @@ class Worker:
         pending.add(self.epoch_metrics)
 
     def run(self) -> None:
-        monitor = None
-        if self.tracker is not None and self.cfg.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                self.tracker.run_id, tracking_uri=self.tracker.tracking_uri, resume_logging=True
-            )
-            monitor.start()
         try:
             self._train()
         finally:
             self.streams.close()
-            if monitor is not None:
-                monitor.finish()
+            if self.monitor is not None:
+                self.monitor.finish()
 
     def _train(self) -> None:
         cfg = self.cfg
@@ -752,7 +767,7 @@ class Worker:
                 pending.add(self.method.train_step(self.streams))
                 self.train_seconds += time.perf_counter() - started
                 self.epoch_train_seconds += time.perf_counter() - started
-                if not trained:  # after the step's timing: the report writes to MLflow
+                if not trained:  # after the step's timing
                     self._report_startup()
                 trained = True
                 epoch_end = by_epoch and self.epoch_step == self.epoch_steps

@@ -5,7 +5,8 @@ The local default is a sqlite store with a real artifact directory under the run
 in Ray's temporary session directory). Any MLflow URI works, a tracking server included.
 
 MLflow is imported where it is first used (1.1 s of a 2-core machine): only rank 0 of a run writes to the
-store, and it imports MLflow in the thread that opens the store during its set-up; the other ranks never do.
+store, and it imports MLflow in a thread that opens the store while the worker sets up and takes its first
+steps; the other ranks never do.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _mlflow_client(tracking_uri: str) -> MlflowClient:
 def open_store_in_background(tracking_uri: str) -> Future[MlflowClient]:
     """A client of the tracking store, made in a thread: importing MLflow and its first connection in a
     process (SQLAlchemy, the schema check) take 1.1 s and 0.7 s of a 2-core machine, which rank 0 overlaps
-    with its set-up. MLflow keeps the store per URI, so the clients made after ``.result()`` (which re-raises
-    what failed) find it open."""
+    with its set-up and first steps. MLflow keeps the store per URI, so the clients made after ``.result()``
+    (which re-raises what failed) find it open."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
     opened = pool.submit(_mlflow_client, tracking_uri)
     pool.shutdown(wait=False)
