@@ -13,7 +13,8 @@ worker's "first step" console line is measured from outside (Python start-up and
 breakdown is the run's own account (MLflow tags ``startup/*``; ``total`` counts from ``launch()`` on): the
 driver's checks, Ray start, corpus materialisation and MLflow run, the worker group's start (Ray Train
 workers, their imports, the process group), the worker's set-up, its evaluation sets, the teacher's test
-accuracy and the first step itself.
+accuracy and the first step itself. Rank 0 opens its MLflow store in a thread that it joins at the run's
+first log (step 2 here), so the rest of that thread's work is not in these figures.
 
 ``--submit`` times what a user of a running cluster waits for: a head node is started once with
 ``clusters/local.sh up`` (2 CPUs, no worker node, token authentication as that script sets it; not timed),

@@ -134,7 +134,10 @@ def test_rank_0_trains_while_its_mlflow_store_opens_and_loses_no_metric_to_it(
             opened_after_first_step.append(first_step.wait(timeout=60))
             return open_now(uri).result()
 
-        return ThreadPoolExecutor(max_workers=1).submit(opened)
+        pool = ThreadPoolExecutor(max_workers=1)
+        future = pool.submit(opened)
+        pool.shutdown(wait=False)
+        return future
 
     report_startup = loop.Worker._report_startup
 
@@ -149,8 +152,23 @@ def test_rank_0_trains_while_its_mlflow_store_opens_and_loses_no_metric_to_it(
     client = MlflowClient(tracker.tracking_uri)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "loss/kd")] == [2, 4, 6, 8]
     assert [m.step for m in client.get_metric_history(tracker.run_id, "val/top1")] == [4, 8]
-    tags = client.get_run(tracker.run_id).data.tags
-    assert float(tags["startup/total_s"]) >= 3.0 and tags["rayoodkd.students_logged_at"] == "8"
+    run = client.get_run(tracker.run_id)
+    assert run.data.params["derived.eval.val_rows"] == "64"
+    assert (
+        float(run.data.tags["startup/total_s"]) >= 3.0 and run.data.tags["rayoodkd.students_logged_at"] == "8"
+    )
+
+
+def test_a_run_that_fails_before_its_first_log_still_shows_its_params_and_startup(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    with pytest.raises(loop.InjectedFailure):
+        _run(tmp_path, tiny_teacher, "debug.fail_at_step=2")  # step 1 trains; the first log would be at 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs(client.get_experiment_by_name("deploy-test").experiment_id)
+    assert run.data.params["derived.eval.val_rows"] == "64"
+    assert float(run.data.tags["startup/total_s"]) >= 3.0
+    assert "loss/kd" not in run.data.metrics
 
 
 def test_a_progress_line_every_log_every_steps(tmp_path: Path, tiny_teacher: Path, capsys) -> None:

@@ -8,6 +8,7 @@ the held-out in-domain set, and ``report`` with a checkpoint of everything neede
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -278,7 +279,7 @@ class Worker:
     def _open_tracker(self) -> Tracker | None:
         """Rank 0's MLflow run, joined at its first write rather than before the first step: the thread that
         imports MLflow and opens the store (``open_store_in_background``) then runs alongside the first steps,
-        on the core the other rank would leave idle while waiting for rank 0 at its first all-reduce."""
+        on the cores the other ranks would leave idle while waiting for rank 0 at the first all-reduce."""
         if self.store_opened is None:
             return self.tracker
         store, self.store_opened = self.store_opened, None
@@ -739,6 +740,12 @@ class Worker:
     def run(self) -> None:
         try:
             self._train()
+        except Exception:
+            # A run that fails before its first log still gets its derived params and startup tags on its
+            # MLflow page; a store that cannot be opened must not hide that failure.
+            with contextlib.suppress(Exception):
+                self._open_tracker()
+            raise
         finally:
             self.streams.close()
             if self.monitor is not None:
@@ -767,7 +774,7 @@ class Worker:
                 pending.add(self.method.train_step(self.streams))
                 self.train_seconds += time.perf_counter() - started
                 self.epoch_train_seconds += time.perf_counter() - started
-                if not trained:  # after the step's timing
+                if not trained:  # the first-step lap ends after the step, outside its timing
                     self._report_startup()
                 trained = True
                 epoch_end = by_epoch and self.epoch_step == self.epoch_steps
