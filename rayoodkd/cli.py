@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 from rayoodkd import __version__
@@ -28,6 +29,14 @@ COMMANDS: dict[str, Command] = {
     "data": Command("rayoodkd.data.__main__", "materialise or inspect an image corpus; show the cache"),
     "compare": Command("rayoodkd.compare", "configs x seeds as concurrent trials, in mean ± std"),
 }
+
+
+def prog(command: str) -> str:
+    """``command`` as this process was started, for its usage and error lines: ``rayoodkd train`` from the
+    console script or ``python -m rayoodkd``, ``python -m rayoodkd.train`` when the module itself runs."""
+    launcher = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    through_cli = launcher.name == "rayoodkd" or launcher == Path(__file__).with_name("__main__.py")
+    return f"rayoodkd {command}" if through_cli else f"python -m rayoodkd.{command}"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 
@@ -447,7 +448,7 @@ def _progress_callback(cells: list[Cell], log: Any) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rayoodkd compare",
+        prog=prog("compare"),
         description="Run several configs over several seeds as concurrent Ray Tune trials and report mean "
         "± std (a markdown table, a CSV and a PNG of validation curves, also logged to MLflow).",
         epilog="example: rayoodkd compare --configs mnist-kd-letters mnist-mosaickd-letters --seeds 0 1 2 "

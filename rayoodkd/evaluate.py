@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, apply_overrides, build_config
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rayoodkd.evaluate",
+        prog=prog("evaluate"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, Section, TeacherConfig, TeacherRecipe, apply_overrides
 from rayoodkd.data.builtin import cache_root
 from rayoodkd.data.config import Corpus, describe_corpus
@@ -345,7 +346,7 @@ def import_teacher(
 
 def _import_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rayoodkd.teacher import",
+        prog=f"{prog('teacher')} import",
         description="Wrap a state dict from another project as a rayoodkd teacher checkpoint. "
         "KEY=VALUE keys: " + ", ".join(ImportSpec.model_fields) + ". arch: a registered name, "
         "torchvision:NAME, timm:NAME (pip install timm) or module.path:ClassName (your nn.Module, importable "
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_or_show(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m rayoodkd.teacher",
+        prog=prog("teacher"),
         description="Train a teacher on a labelled set (held-out val/test) and write a self-describing "
         "checkpoint, or --show one; `python -m rayoodkd.teacher import --help` wraps foreign weights. "
         "Overrides are TeacherRecipe keys: " + ", ".join(TeacherRecipe.model_fields),

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from rayoodkd.catalog import METHOD_NAMES, TOP_LEVEL_KEYS
+from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, preset_names, resolve_config, to_yaml
 
 EPILOG = """\
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     # The names come from rayoodkd.catalog, not from METHODS and the run-config model: those import torch,
     # and --help should answer at once (tests/test_packaging.py keeps the two in step).
     parser = argparse.ArgumentParser(
-        prog="python -m rayoodkd.train",
+        prog=prog("train"),
         description="Distil a teacher into a student on Ray Train (DDP over N workers), logging to MLflow.",
         epilog=EPILOG.format(
             keys=", ".join(TOP_LEVEL_KEYS), methods=", ".join(METHOD_NAMES), presets=", ".join(preset_names())

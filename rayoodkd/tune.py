@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from rayoodkd.cli import prog
 from rayoodkd.config import (
     BaseRunConfig,
     ConfigError,
@@ -796,7 +797,7 @@ def _write_outputs(result: SweepResult, output: Path, tracker: Any, seconds: flo
 def _parser() -> argparse.ArgumentParser:
     shipped = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
     parser = argparse.ArgumentParser(
-        prog="python -m rayoodkd.tune",
+        prog=prog("tune"),
         description="Search a rayoodkd run's hyperparameters with Ray Tune + ASHA; each trial is a full run "
         "on its own TorchTrainer, logged as an MLflow child run of the sweep's run.",
         epilog=f"""\

@@ -16,17 +16,9 @@ from rayoodkd import catalog, cli
 from rayoodkd.tune import SPACE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 # The module CLIs' own parsers name themselves (``usage: python -m rayoodkd.train ...``).
-PROGS = {
-    "train": "python -m rayoodkd.train",
-    "tune": "python -m rayoodkd.tune",
-    "teacher": "python -m rayoodkd.teacher",
-    "evaluate": "python -m rayoodkd.evaluate",
-    "data": "python -m rayoodkd.data",
-    "compare": "rayoodkd compare",
-}
-
-
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
@@ -76,6 +68,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
         [str(target / "bin" / "rayoodkd"), "train", "--config", "demo", "--print-config"], elsewhere, env
     )
     assert "method: kd_ood" in text
+    assert _run([str(target / "bin" / "rayoodkd"), "train", "--help"], elsewhere, env).startswith(
+        "usage: rayoodkd train "
+    )
 
 
 def test_catalog_matches_the_methods_and_the_run_config_model() -> None:
@@ -150,10 +145,16 @@ def test_help_lists_each_command_on_one_line(capsys: pytest.CaptureFixture[str])
 def test_each_command_reaches_its_module(
     name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(SystemExit) as stop:  # the module's own parser answers
-        cli.main([name, "--help"])
-    assert stop.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: {PROGS[name]}")
+    for launcher, usage in (
+        ("/venv/bin/rayoodkd", f"usage: rayoodkd {name} "),  # the console script
+        (str(Path(cli.__file__).with_name("__main__.py")), f"usage: rayoodkd {name} "),  # python -m rayoodkd
+        (f"/src/rayoodkd/{name}.py", f"usage: python -m rayoodkd.{name} "),  # python -m rayoodkd.NAME
+    ):
+        monkeypatch.setattr(sys, "argv", [launcher, name, "--help"])
+        with pytest.raises(SystemExit) as stop:  # the module's own parser answers, named as it was started
+            cli.main([name, "--help"])
+        assert stop.value.code == 0
+        assert capsys.readouterr().out.startswith(usage)
     module = sys.modules[cli.COMMANDS[name].module]
     seen: list[list[str]] = []
     monkeypatch.setattr(module, "main", lambda argv: seen.append(argv) or 7)

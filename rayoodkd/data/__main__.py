@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 from pydantic import ValidationError
 
+from rayoodkd.cli import prog
 from rayoodkd.data.builtin import BUILTIN_SOURCES, BUILTIN_SPLITS, encode_png
 from rayoodkd.data.config import FORMATS, Corpus, CorpusConfig, corpus_members
 
@@ -129,7 +130,7 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI parser with the ``materialize``, ``inspect`` and ``cache`` subcommands."""
     parser = _Parser(
-        prog="python -m rayoodkd.data",
+        prog=prog("data"),
         description="Materialise image corpora as parquet shards, or inspect them, through Ray Data.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
