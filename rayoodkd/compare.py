@@ -308,6 +308,10 @@ def run_compare(
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            f"--seeds: a seed is given twice ({' '.join(map(str, seeds))}); each seed runs once"
+        )
     quiet_python_loggers()
     name = name or default_name(entries, seeds, overrides or [])
     cells = plan(entries, seeds, overrides or [], name)

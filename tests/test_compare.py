@@ -56,6 +56,13 @@ def test_the_cli_refuses_bad_input_in_one_line_before_ray(capsys: pytest.Capture
     assert main(["--configs", "no-such-preset", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --configs 'no-such-preset'") and "\n" not in err
+    assert (
+        main(["--configs", "demo", "--seeds", "0", "1", "0"]) == 2
+    )  # a mean ± std of one seed counted twice
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --seeds: a seed is given twice (0 1 0); each seed runs once"
+    )
 
 
 def _cell(label: str, seed: int, top1: float, curve: list[tuple[int, float]]) -> CellResult:
