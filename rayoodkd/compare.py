@@ -302,6 +302,7 @@ def run_compare(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
+    from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
     from rayoodkd.tune import concurrent_trials
@@ -315,6 +316,8 @@ def run_compare(
     quiet_python_loggers()
     name = name or default_name(entries, seeds, overrides or [])
     cells = plan(entries, seeds, overrides or [], name)
+    output = output or Path(f"compare-{name}")
+    check_output_dir("--output", output)
     first = build_config(cells[0].config)
     root = f"{ray_storage_path(first.storage_path).rstrip('/')}/{name}"
     trials = f"{root}/trials"
@@ -399,8 +402,6 @@ def run_compare(
             tuner.fit()
     results = collect_results(cells, trials, tracker.tracking_uri, metrics)
     table = table_markdown(results, name, metrics)
-    output = output or Path(f"compare-{name}")
-    output.mkdir(parents=True, exist_ok=True)
     (output / "compare.md").write_text(table)
     (output / "results.csv").write_text(results_csv(results, metrics))
     plot_curves(results, output / "curves.png", name)

@@ -44,6 +44,18 @@ def check_storage(storage_path: str) -> None:
         raise ConfigError(f"storage_path: cannot write to {storage_path!r} ({first_line(error)})") from None
 
 
+def check_output_dir(option: str, directory: Path) -> None:
+    """``directory`` (a command's ``--output``) can be created and written: checked before the sweep or the
+    comparison whose results it will hold, not after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".rayoodkd-write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"{option}: cannot write to {str(directory)!r} ({first_line(error)})") from None
+
+
 def check_tracking(tracking_uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:
     """An ``http(s)://`` tracking server answers within ``timeout_s`` (any HTTP status is an answer)."""
     if not tracking_uri.startswith(("http://", "https://")):

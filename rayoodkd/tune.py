@@ -515,6 +515,7 @@ def run_sweep(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker
+    from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
 
@@ -530,6 +531,8 @@ def run_sweep(
             f"name: a sweep {space.name!r} already exists at {paths.root}; "
             "pass --resume to continue it, or name=OTHER for a new one"
         )
+    output = output or _default_output(paths)
+    check_output_dir("--output", output)
     if resume:
         space, base = SweepSpace.model_validate(record["space"]), record["base"]
         cfg = build_config(base)
@@ -615,7 +618,7 @@ def run_sweep(
         best = pick(finished, key=lambda row: row.metric)
     best_config = trial_config(base, best.sampled) if best else None
     result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri)
-    _write_outputs(result, output or _default_output(paths), tracker, time.perf_counter() - started, log)
+    _write_outputs(result, output, tracker, time.perf_counter() - started, log)
     return result
 
 

@@ -52,17 +52,23 @@ def test_seed_in_an_override_is_each_cells_seed() -> None:
     assert [c.config["run_name"] for c in cells] == ["x-0", "x-2"]
 
 
-def test_the_cli_refuses_bad_input_in_one_line_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_refuses_bad_input_in_one_line_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--configs", "no-such-preset", "--seeds", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --configs 'no-such-preset'") and "\n" not in err
-    assert (
-        main(["--configs", "demo", "--seeds", "0", "1", "0"]) == 2
-    )  # a mean ± std of one seed counted twice
-    assert (
-        capsys.readouterr().err.strip()
-        == "error: --seeds: a seed is given twice (0 1 0); each seed runs once"
-    )
+    # A seed given twice would make a mean ± std of one seed counted twice.
+    assert main(["--configs", "demo", "--seeds", "0", "1", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --seeds: a seed is given twice (0 1 0); each seed runs once"
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "a-file" / "report"  # refused before the runs, not after them
+    argv = ["--configs", "demo", "--seeds", "0", "--output", str(output), f"storage_path={tmp_path / 'runs'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output: cannot write to '{output}' (") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def _cell(label: str, seed: int, top1: float, curve: list[tuple[int, float]]) -> CellResult:

@@ -86,6 +86,12 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert err.startswith("error: --space: no such file or space 'no-such-space'; shipped spaces: ")
     assert err.count("\n") == 1
+    (tmp_path / "a-file").write_text("")
+    output = tmp_path / "a-file" / "results"  # refused before the sweep, not after it
+    assert main(["--space", "smoke", "--output", str(output), f"storage_path={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output: cannot write to '{output}' (") and err.count("\n") == 1
+    assert not (tmp_path / "runs" / "smoke").exists()
 
 
 def test_trial_id_comes_from_the_result_or_the_trial_directory() -> None:
