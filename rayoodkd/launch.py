@@ -27,7 +27,7 @@ from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
-from rayoodkd.raystart import start_or_join_ray
+from rayoodkd.raystart import sigterm_received, start_or_join_ray
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
@@ -37,6 +37,15 @@ EVAL_SPLITS = ("val", "test")
 
 class RunFailed(RuntimeError):
     """Training failed after the run started; the message is one line with the reason."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the run started: the message says whether and how it resumes; ``exit_code`` is
+    the command's (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -182,7 +191,8 @@ def _logged_keys(cfg: BaseRunConfig) -> set[str]:
 
 
 def _interrupted(error: BaseException) -> bool:
-    """Ctrl-C: a KeyboardInterrupt in the driver, or the ``sys.exit`` of Ray Train's own SIGINT handler."""
+    """Ctrl-C (a KeyboardInterrupt in the driver, or the ``sys.exit`` of Ray Train's own SIGINT handler) or
+    SIGTERM (the ``sys.exit`` of the handler ``start_or_join_ray`` installs)."""
     return isinstance(error, KeyboardInterrupt | SystemExit)
 
 
@@ -196,7 +206,7 @@ def failure_reason(error: BaseException) -> str:
     """One line saying why a run ended: for a Ray Train failure, the worker that failed first-hand (a dead
     actor or its own exception rather than a peer's broken collective), lowest rank first."""
     if _interrupted(error):
-        return "interrupted (Ctrl-C)"
+        return "terminated (SIGTERM)" if sigterm_received() else "interrupted (Ctrl-C)"
     failures = getattr(error, "worker_failures", None)
     if failures:
         causes = {rank: getattr(cause, "cause", None) or cause for rank, cause in failures.items()}
@@ -352,13 +362,19 @@ def launch(
         _finish_tracking(tracker, summary)
     except BaseException as error:
         reason = _record_failure(tracker, previous_status, run_dir, error, log)
-        if checkpoint_dirs(run_dir):
+        resumable = bool(checkpoint_dirs(run_dir))
+        if _interrupted(error):
+            raise RunInterrupted(
+                f"{reason}: run {run_name} keeps its checkpoints in {run_dir}; launch it again to resume"
+                if resumable
+                else f"{reason} before its first checkpoint: a new launch of run {run_name} starts afresh",
+                143 if sigterm_received() else 130,
+            ) from error
+        if resumable:
             log(
                 f"run {run_name}: checkpoints kept in {run_dir}; "
                 f"launch again with run_name={run_name} to resume"
             )
-        if _interrupted(error):
-            raise KeyboardInterrupt from error
         if isinstance(error, Exception):
             raise RunFailed(f"run {run_name} failed: {reason}") from error
         raise

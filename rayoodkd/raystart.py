@@ -4,6 +4,9 @@ console kept to rayoodkd's lines. Light to import (Ray on first use, no torch), 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from types import FrameType
 
 from rayoodkd.console import quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
 
@@ -36,9 +39,27 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
     ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
     if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
         del os.environ[watcher]  # joined a cluster: it keeps its own setting
+    if threading.current_thread() is threading.main_thread():
+        # In place of ray.init's handler (an exit with code 15, after the failure handler of Ray's core worker
+        # has printed a stack dump for the signal): the same exit, quietly, and remembered, since a SystemExit
+        # raised while the driver waits in ray.get reaches the run as Ray's SystemExit(1).
+        signal.signal(signal.SIGTERM, _terminate)
     if not ray_logs:
         quiet_python_loggers()  # again: starting Ray configures its loggers
         show_only_marked_worker_lines()
+
+
+_sigterm = threading.Event()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    _sigterm.set()
+    raise SystemExit(128 + signum)
+
+
+def sigterm_received() -> bool:
+    """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) since it joined Ray."""
+    return _sigterm.is_set()
 
 
 def start_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:

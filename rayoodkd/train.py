@@ -56,18 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rayoodkd.launch import RunFailed, launch
+        from rayoodkd.launch import RunFailed, RunInterrupted, launch
 
         try:
             summary = launch(cfg)
         except RunFailed as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        except RunInterrupted as stop:
+            print(stop, file=sys.stderr)
+            return stop.exit_code
     except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the run keeps its last checkpoint; launch it again to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run started
+        print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     print(summary.table())
     return 0

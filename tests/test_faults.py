@@ -331,8 +331,12 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
 
 
 @pytest.mark.ray
-def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_and_resumable(
-    tmp_path: Path, tiny_teacher: Path
+@pytest.mark.parametrize(
+    ("stop", "exit_code", "reason"),
+    [("SIGINT", 130, "interrupted (Ctrl-C)"), ("SIGTERM", 143, "terminated (SIGTERM)")],
+)
+def test_a_command_starts_ray_without_dashboard_and_ctrl_c_or_sigterm_ends_its_run_killed_and_resumable(
+    tmp_path: Path, tiny_teacher: Path, stop: str, exit_code: int, reason: str
 ) -> None:
     import contextlib
     import os
@@ -357,7 +361,7 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
         for child in psutil.Process(process.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
                 started.append(" ".join(child.cmdline()))
-        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, getattr(signal, stop))
         _, err = process.communicate(timeout=120)
     finally:  # never leave the run (and the Ray instance it started) training after a failure
         if process.poll() is None:
@@ -368,13 +372,14 @@ def test_a_command_starts_ray_without_dashboard_and_ctrl_c_ends_its_run_killed_a
             process.communicate()
     assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
     assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
-    assert process.returncode == 130, err[-2000:]
+    assert process.returncode == exit_code, err[-2000:]
     ours = [
         line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+", line)
     ]  # not Ray actors' logs
-    assert ours[-1].startswith("interrupted: the run keeps its last checkpoint")
-    assert not any("Traceback" in line for line in ours)
+    assert ours[-1].startswith(f"{reason}: run ctrlc keeps its checkpoints in "), err[-2000:]
+    assert ours[-1].endswith("launch it again to resume")
+    assert not any("Traceback" in line or "SIGTERM received" in line for line in ours)  # no stack dump
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "KILLED" and run.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
+    assert run.info.status == "KILLED" and run.data.tags["rayoodkd.failure"] == reason
     assert (storage / "ctrlc" / "rayoodkd_run.json").exists()  # a checkpoint exists: the run is resumable
