@@ -23,7 +23,7 @@ from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import MANIFEST_FILE, STATE_FILE, load_state, newest_intact
 from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.launch import RunFailed, launch
+from rayoodkd.launch import RunFailed, RunInterrupted, launch
 from rayoodkd.models import build_classifier
 from rayoodkd.train import main
 
@@ -261,6 +261,29 @@ def test_failures_before_the_first_checkpoint_leave_no_resumable_run(
     assert [r.info.status for r in runs] == ["FAILED"]
     assert re.match(first_hand, runs[0].data.tags["rayoodkd.failure"])
     assert not (tmp_path / "runs" / "early" / "rayoodkd_run.json").exists()
+
+
+@pytest.mark.ray
+def test_a_run_interrupted_before_its_first_checkpoint_says_a_new_launch_starts_afresh(
+    tmp_path: Path, tiny_teacher: Path, ray_local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rayoodkd.launch
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rayoodkd.launch, "_train_in_driver", interrupted)
+    with pytest.raises(RunInterrupted) as stop:
+        launch(_tiny(tmp_path, tiny_teacher, "run_name=cut", "num_workers=0"))
+    assert (
+        str(stop.value)
+        == "interrupted (Ctrl-C) before its first checkpoint: a new launch of run cut starts afresh"
+    )
+    assert stop.value.exit_code == 130
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
+    assert not (tmp_path / "runs" / "cut" / "rayoodkd_run.json").exists()
 
 
 @pytest.mark.ray
