@@ -39,8 +39,8 @@ from typing import Any
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
 from rayoodkd.errors import RunInterrupted
-from rayoodkd.interruption import Interruption
 from rayoodkd.storage import ray_storage_path, read_json, write_json
+from rayoodkd.tune import Interruption
 
 COMPARE_FILE = "compare.json"
 COLUMNS = {
@@ -305,11 +305,10 @@ def run_compare(
 
     from rayoodkd.console import TuneLog, quiet_python_loggers
     from rayoodkd.engine.tracking import FAILURE_TAG, Tracker, default_tracking_uri
-    from rayoodkd.interruption import close_cut_short, running_trials
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
-    from rayoodkd.tune import concurrent_trials, fit_tuner
+    from rayoodkd.tune import close_cut_short, concurrent_trials, fit_tuner, running_trials
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")

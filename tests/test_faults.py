@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import signal_once_ready
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
@@ -363,19 +362,42 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
 def test_a_command_starts_ray_without_dashboard_and_ctrl_c_or_sigterm_ends_its_run_killed_and_resumable(
     tmp_path: Path, tiny_teacher: Path, stop: str, exit_code: int, reason: str
 ) -> None:
+    import contextlib
+    import os
     import signal
+    import subprocess
     import sys
+
+    import psutil
 
     storage = tmp_path / "runs"
     argv = [sys.executable, "-m", "rayoodkd.train", *_overrides(tmp_path, tiny_teacher, "num_workers=1")]
     argv += ["run_name=ctrlc", "max_steps=100000", "eval.every=10"]
-    # An intact checkpoint (its manifest is written last), so that the run is resumable when stopped.
-    returncode, err, started = signal_once_ready(
-        argv, lambda: bool(list((storage / "ctrlc").glob("step_*/manifest.json"))), getattr(signal, stop)
-    )
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    started: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        # An intact checkpoint (its manifest is written last), so that the run is resumable when stopped.
+        while not list((storage / "ctrlc").glob("step_*/manifest.json")) and time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
+                started.append(" ".join(child.cmdline()))
+        os.kill(process.pid, getattr(signal, stop))
+        _, err = process.communicate(timeout=120)
+    finally:  # never leave the run (and the Ray instance it started) training after a failure
+        if process.poll() is None:
+            driver = psutil.Process(process.pid)
+            for member in [*driver.children(recursive=True), driver]:
+                with contextlib.suppress(psutil.Error):
+                    member.kill()
+            process.communicate()
     assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
     assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
-    assert returncode == exit_code, err[-2000:]
+    assert process.returncode == exit_code, err[-2000:]
     ours = [
         line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+", line)
     ]  # not Ray actors' logs

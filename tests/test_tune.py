@@ -11,12 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import signal_once_ready
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import ConfigError, resolve_config
 from rayoodkd.errors import RunInterrupted
-from rayoodkd.interruption import running_trials, stop_gracefully_on_signals
 from rayoodkd.tune import (
     SPACE_DIR,
     SweepResult,
@@ -28,6 +26,8 @@ from rayoodkd.tune import (
     main,
     results_csv,
     run_sweep,
+    running_trials,
+    stop_gracefully_on_signals,
     trial_config,
 )
 
@@ -226,26 +226,42 @@ def test_ctrl_c_or_sigterm_during_a_fit_asks_tune_to_stop_and_is_remembered() ->
 
 
 @pytest.mark.ray
-def test_ctrl_c_during_a_sweep_ends_it_killed_with_the_trial_it_cut_short(tmp_path: Path) -> None:
-    import sys
+def test_ctrl_c_during_a_sweep_ends_it_killed_with_the_trial_it_cut_short_and_resumable(
+    tmp_path: Path, ray_local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rayoodkd.tune
 
-    runs = tmp_path / "runs"
-    overrides = [f"storage_path={runs}", f"data.cache_dir={tmp_path / 'cache'}", "teacher.recipe.epochs=2"]
-    argv = [sys.executable, "-m", "rayoodkd.tune", "--space", "smoke", *overrides, "max_steps=100000"]
-    returncode, err, _ = signal_once_ready(
-        argv, lambda: bool(list((runs / "smoke" / "trials").glob("*/step_*/manifest.json"))), signal.SIGINT
+    lines = rayoodkd.tune._trial_lines
+
+    def interrupting_lines(*args: object) -> object:
+        class CtrlCAtTheFirstReport(type(lines(*args))):
+            def on_trial_result(
+                self, iteration: int, trials: list, trial: object, result: dict, **info
+            ) -> None:
+                if not getattr(self, "sent", False):
+                    self.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        return CtrlCAtTheFirstReport()
+
+    monkeypatch.setattr(rayoodkd.tune, "_trial_lines", interrupting_lines)
+    overrides = [f"storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    space, base = load_space("smoke", [*overrides, "teacher.recipe.epochs=2"])
+    handler = signal.getsignal(signal.SIGINT)
+    result = run_sweep(space, base, output=tmp_path / "out")
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert (result.interruption.reason, result.interruption.exit_code) == ("interrupted (Ctrl-C)", 130)
+    [row] = result.rows  # one trial at a time: the first one, cut short
+    assert row.status == "INTERRUPTED" and not row.stopped_early and row.steps < 40
+    assert result.table().splitlines()[-1] == (
+        "interrupted (Ctrl-C): 1 trial cut short; run the same command with --resume to continue the sweep"
     )
-    assert returncode == 130, err[-2000:]
-    [row] = list(csv.DictReader((runs / "smoke" / "results.csv").read_text().splitlines()))
-    assert row["status"] == "INTERRUPTED" and row["stopped_early"] == "False"  # not ASHA's doing
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    by_name = {
-        r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-    }
-    parent, child = by_name.pop("sweep-smoke"), by_name.popitem()[1]
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "KILLED" and parent.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
-    assert child.info.status == "KILLED" and not by_name
-    assert child.data.tags["rayoodkd.failure"] == f"interrupted (Ctrl-C) at step {row['steps']}"
+    child = client.get_run(row.mlflow_run_id)
+    assert child.info.status == "KILLED"
+    assert child.data.tags["rayoodkd.failure"] == f"interrupted (Ctrl-C) at step {row.steps}"
 
 
 @pytest.mark.ray
