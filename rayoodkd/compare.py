@@ -38,7 +38,6 @@ from typing import Any
 
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
-from rayoodkd.errors import RunInterrupted
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 from rayoodkd.tune import Interruption
 
@@ -303,12 +302,12 @@ def run_compare(
     columns."""
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers
+    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import FAILURE_TAG, Tracker, default_tracking_uri
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
-    from rayoodkd.tune import close_cut_short, concurrent_trials, fit_tuner, running_trials
+    from rayoodkd.tune import concurrent_trials, running_trials, stop_gracefully_on_signals
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
@@ -327,6 +326,7 @@ def run_compare(
     record = read_json(f"{root}/{COMPARE_FILE}")
     if record is not None:
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
+        tracker.reopen()
     else:
         tracking_uri = first.tracking_uri or default_tracking_uri(first.storage_path)
         tracker = Tracker.create(
@@ -388,10 +388,9 @@ def run_compare(
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
     )
     started = time.perf_counter()
-    if record is not None:
-        tracker.reopen()
     stop = Interruption()
     if pending:
+        running = running_trials()
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(pending)},
@@ -400,18 +399,19 @@ def run_compare(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=root,
                 verbose=0,
-                callbacks=[_progress_callback(cells, TuneLog(log)), running_trials()],
+                callbacks=[_progress_callback(cells, TuneLog(log)), running],
             ),
         )
-        _, stop = fit_tuner(tuner, tracker)
+        with silent_tune(), stop_gracefully_on_signals(running) as stop:
+            tuner.fit()
     results = collect_results(cells, trials, tracker.tracking_uri, metrics)
-    cut_cells = {config["cell"] for config in stop.cut_short.values()}
-    for index in cut_cells:  # Tune ended these runs without waiting for them to close their MLflow runs
-        result = results[index]
-        if result.mlflow_run_id:
-            close_cut_short(Tracker(tracker.tracking_uri, result.mlflow_run_id), stop.reason)
-    if cut_cells:
-        results = collect_results(cells, trials, tracker.tracking_uri, metrics)
+    if stop.reason is not None:  # the runs Tune ended then could not close their MLflow runs themselves
+        for result in results:
+            if result.status == "RUNNING":
+                cut = Tracker(tracker.tracking_uri, result.mlflow_run_id)
+                cut.set_tags({FAILURE_TAG: stop.reason})
+                cut.terminate("KILLED")
+                result.status = "KILLED"
     table = table_markdown(results, name, metrics)
     (output / "compare.md").write_text(table)
     (output / "results.csv").write_text(results_csv(results, metrics))
@@ -522,9 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RunInterrupted as interrupted:  # a signal before Tune listened, or a second one
-        print(f"{interrupted}; run the same command again to resume the unfinished runs", file=sys.stderr)
-        return interrupted.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
+        return 130
     return result.interruption.exit_code
 
 

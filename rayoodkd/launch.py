@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,12 +22,12 @@ from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data
-from rayoodkd.engine.checkpoint import STATE_FILE, newest_intact
+from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
 from rayoodkd.engine.tracking import FAILURE_TAG, Tracker
-from rayoodkd.errors import RunInterrupted, one_line
+from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
-from rayoodkd.raystart import sigterm_since, start_or_join_ray
+from rayoodkd.raystart import sigterm_received, start_or_join_ray
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
@@ -38,6 +37,15 @@ EVAL_SPLITS = ("val", "test")
 
 class RunFailed(RuntimeError):
     """Training failed after the run started; the message is one line with the reason."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after the run started: the message says whether and how it resumes; ``exit_code`` is
+    the command's (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -192,12 +200,11 @@ def _secondary(cause: BaseException) -> bool:
     return any(hint in text for hint in ("connection closed by peer", "connection reset", "gloo", "nccl"))
 
 
-def failure_reason(error: BaseException, *, terminated: bool = False) -> str:
+def failure_reason(error: BaseException) -> str:
     """One line saying why a run ended: for a Ray Train failure, the worker that failed first-hand (a dead
-    actor or its own exception rather than a peer's broken collective), lowest rank first; for an
-    interruption, Ctrl-C or (``terminated``) SIGTERM."""
+    actor or its own exception rather than a peer's broken collective), lowest rank first."""
     if _interrupted(error):
-        return "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        return "terminated (SIGTERM)" if sigterm_received() else "interrupted (Ctrl-C)"
     failures = getattr(error, "worker_failures", None)
     if failures:
         causes = {rank: getattr(cause, "cause", None) or cause for rank, cause in failures.items()}
@@ -207,46 +214,28 @@ def failure_reason(error: BaseException, *, terminated: bool = False) -> str:
     return one_line(controller or error)
 
 
-def _terminated(error: BaseException, began: float) -> bool:
-    """Whether ``error`` is the exit SIGTERM caused since the run ``began`` (``time.monotonic()``): the
-    handler ``start_or_join_ray`` installs remembers it (a SystemExit raised while the driver waits in
-    ``ray.get`` reaches here as Ray's SystemExit(1)); ``ray.init``'s own handler, where the caller started
-    Ray, exits with code 15."""
-    return _interrupted(error) and (sigterm_since(began) or getattr(error, "code", None) == signal.SIGTERM)
-
-
 def _record_failure(
-    tracker: Tracker,
-    previous_status: str | None,
-    run_dir: str,
-    error: BaseException,
-    log: Any,
-    terminated: bool,
-) -> tuple[str, bool]:
+    tracker: Tracker, previous_status: str | None, run_dir: str, error: BaseException, log: Any
+) -> str:
     """Close the MLflow run for ``error`` (best effort: a tracking server that is gone only costs a warning)
-    and forget a run that has no intact checkpoint, so a relaunch starts afresh; return the reason and
-    whether the run can resume."""
-    reason = failure_reason(error, terminated=terminated)
+    and forget a run that has no intact checkpoint, so a relaunch starts afresh; return the reason."""
+    reason = failure_reason(error)
     try:
-        # A sweep or comparison whose interruption ended this run may have closed it already.
-        still_open = tracker.status() == "RUNNING"
-        if still_open and previous_status == "FINISHED":
+        if previous_status == "FINISHED":
             tracker.set_tags({"rayoodkd.relaunch_failure": reason})
             tracker.terminate("FINISHED")
-        elif still_open:
+        else:
             tracker.set_tags({FAILURE_TAG: reason})
             tracker.terminate("KILLED" if _interrupted(error) else "FAILED")
     except Exception as tracking_error:  # the failure itself is what the user must see
         log(f"warning: could not close MLflow run {tracker.run_id}: {one_line(tracking_error)}")
-    resumable = True
     try:
         if newest_intact(run_dir).directory is None:
-            resumable = False
             fs, path = filesystem(f"{run_dir}/{RUN_FILE}")
             fs.delete_file(path)
     except OSError as storage_error:
         log(f"warning: could not check {run_dir}: {one_line(storage_error)}")
-    return reason, resumable
+    return reason
 
 
 def _train_on_workers(
@@ -324,7 +313,7 @@ def launch(
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
     """
-    started, launched_at, began = time.perf_counter(), time.time(), time.monotonic()
+    started, launched_at = time.perf_counter(), time.time()
     phases = Phases()
     quiet_ray_data(cfg.ray_logs)  # before a teacher recipe's reads too; importing Ray Data sets its loggers
     if not cfg.ray_logs:
@@ -370,14 +359,14 @@ def launch(
         summary = _summary(cfg, run_name, metrics, checkpoint, tracker, teacher_path, corrupt_images, started)
         _finish_tracking(tracker, summary)
     except BaseException as error:
-        terminated = _terminated(error, began)
-        reason, resumable = _record_failure(tracker, previous_status, run_dir, error, log, terminated)
+        reason = _record_failure(tracker, previous_status, run_dir, error, log)
+        resumable = bool(checkpoint_dirs(run_dir))
         if _interrupted(error):
             raise RunInterrupted(
                 f"{reason}: run {run_name} keeps its checkpoints in {run_dir}; launch it again to resume"
                 if resumable
                 else f"{reason} before its first checkpoint: a new launch of run {run_name} starts afresh",
-                143 if terminated else 130,
+                143 if sigterm_received() else 130,
             ) from error
         if resumable:
             log(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from types import FrameType
 
 from rayoodkd.console import quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
@@ -50,18 +49,17 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
         show_only_marked_worker_lines()
 
 
-_sigterm_at: list[float] = []  # time.monotonic() of each SIGTERM the handler below caught
+_sigterm = threading.Event()
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    _sigterm_at.append(time.monotonic())
+    _sigterm.set()
     raise SystemExit(128 + signum)
 
 
-def sigterm_since(moment: float) -> bool:
-    """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) after ``moment``
-    (``time.monotonic()``), e.g. since a run began: a SIGTERM an earlier run caught is not this one's."""
-    return any(at >= moment for at in _sigterm_at)
+def sigterm_received() -> bool:
+    """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) since it joined Ray."""
+    return _sigterm.is_set()
 
 
 def start_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:

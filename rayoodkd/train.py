@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rayoodkd.errors import RunInterrupted
-        from rayoodkd.launch import RunFailed, launch
+        from rayoodkd.launch import RunFailed, RunInterrupted, launch
 
         try:
             summary = launch(cfg)

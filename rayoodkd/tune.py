@@ -48,7 +48,6 @@ from rayoodkd.config import (
     set_dotted,
     to_yaml,
 )
-from rayoodkd.errors import RunInterrupted
 from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
 
 # The spaces shipped with the package (package data); ``--space NAME`` also looks in ./tune_spaces first.
@@ -270,93 +269,60 @@ class SweepPaths:
 
 @dataclass
 class Interruption:
-    """Ctrl-C or SIGTERM during a Tune fit: why, the command's exit code, and the trials it cut short (trial
-    ID: the trial's config)."""
+    """Ctrl-C or SIGTERM during a Tune fit: why, the command's exit code, and the trials it cut short."""
 
     reason: str | None = None
     exit_code: int = 0
-    cut_short: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-# The trials started and not yet ended, kept by the callback of running_trials(): trial ID -> its config.
-_running: dict[str, dict[str, Any]] = {}
+    cut_short: set[str] = field(default_factory=set)
 
 
 def running_trials() -> Any:
-    """A Tune callback that keeps this module's record of the running trials. A trial Tune ends because its
-    run was interrupted stays in it (Tune's clean-up reports no completion). The record is module state, not
-    the callback's, since a restored Tuner brings back the callback it was first pickled with."""
+    """A Tune callback holding the IDs of the trials running now (``.ids``)."""
     from ray.tune import Callback
 
     class RunningTrials(Callback):
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            from rayoodkd import tune as sweeps
+        def __init__(self) -> None:
+            self.ids: set[str] = set()
 
-            sweeps._running[trial.trial_id] = dict(trial.config)
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.ids.add(trial.trial_id)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            from rayoodkd import tune as sweeps
-
-            sweeps._running.pop(trial.trial_id, None)
+            self.ids.discard(trial.trial_id)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            from rayoodkd import tune as sweeps
-
-            sweeps._running.pop(trial.trial_id, None)
+            self.ids.discard(trial.trial_id)
 
     return RunningTrials()
 
 
-def close_cut_short(run: Any, reason: str, wait_s: float = 10.0) -> None:
-    """Close the MLflow run (a :class:`Tracker`) of a trial an interruption cut short: ``KILLED`` with
-    ``reason``, once its trial has closed it itself or after ``wait_s`` (Tune does not wait for a trial's
-    actor, which may still be recording its own failure after ``fit`` returned; one killed outright never
-    does). A run that finished meanwhile stays ``FINISHED``."""
-    from rayoodkd.engine.tracking import FAILURE_TAG
-
-    deadline = time.monotonic() + wait_s
-    while (status := run.status()) == "RUNNING" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if status != "FINISHED":
-        run.set_tags({FAILURE_TAG: reason})
-        run.terminate("KILLED")
-
-
-def _tune_not_listening(signum: int, frame: FrameType | None) -> None:
-    """SIGUSR1's handler until Tune's run loop installs its own (it ends the run on SIGUSR1 as on SIGINT)."""
-
-
 @contextmanager
-def stop_gracefully_on_signals() -> Iterator[Interruption]:
+def stop_gracefully_on_signals(running: Any) -> Iterator[Interruption]:
     """Around ``tuner.fit()`` in the main thread: Ctrl-C and SIGTERM stop the run the way Tune stops on
     Ctrl-C (state saved, trials ended, ``fit`` returns), and the :class:`Interruption` says so, with the
-    trials that were running (:func:`running_trials` must be among the Tuner's callbacks). Tune catches
-    SIGINT only and ends ``fit`` normally: without this a sweep stopped by Ctrl-C looked finished. A signal
-    before Tune listens, or a second one, stops at once (:class:`RunInterrupted`)."""
+    trials of ``running`` (:func:`running_trials`) cut short then; a second signal stops at once. Tune
+    catches SIGINT only, and ends ``fit`` normally: without this a sweep stopped by Ctrl-C looked finished."""
     stop = Interruption()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        reason = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-        if stop.reason is not None or signal.getsignal(signal.SIGUSR1) is _tune_not_listening:
-            raise RunInterrupted(f"{reason}: stopped at once", 128 + signum)
-        stop.reason, stop.exit_code = reason, 128 + signum
-        os.kill(os.getpid(), signal.SIGUSR1)
+        if stop.reason is not None:
+            raise KeyboardInterrupt
+        stop.reason = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        stop.exit_code = 128 + signum
+        stop.cut_short = set(running.ids)
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its run on SIGUSR1 as on SIGINT
 
-    _running.clear()
     stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) for signum in (*stops, signal.SIGUSR1)}
+    previous = {signum: signal.getsignal(signum) for signum in stops}
     tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    signal.signal(signal.SIGUSR1, _tune_not_listening)
     for signum in stops:
         signal.signal(signum, handler)
     try:
         yield stop
-        if stop.reason is not None:
-            stop.cut_short = dict(_running)
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
@@ -630,7 +596,7 @@ def run_sweep(
     """Run (or resume) a sweep to the end; write ``results.csv`` and ``best.yaml``; return the table."""
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers
+    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
@@ -654,6 +620,7 @@ def run_sweep(
         space, base = SweepSpace.model_validate(record["space"]), record["base"]
         cfg = build_config(base)
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
+        tracker.reopen()
         paths = SweepPaths(paths.root, record["tracking_uri"])
     else:
         tracker = Tracker.create(
@@ -694,6 +661,7 @@ def run_sweep(
         tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
     )
     log(f"sweep {space.name}: {'resuming' if resume else 'starting'}; MLflow parent run {tracker.run_id}")
+    running = running_trials()
     started = time.perf_counter()
     if resume:
         tuner = tune.Tuner.restore(
@@ -722,12 +690,11 @@ def run_sweep(
                 storage_path=paths.root,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 verbose=0,
-                callbacks=[_trial_lines(space, base, TuneLog(log)), running_trials()],
+                callbacks=[_trial_lines(space, base, TuneLog(log)), running],
             ),
         )
-    if resume:
-        tracker.reopen()
-    grid, stop = fit_tuner(tuner, tracker)
+    with silent_tune(), stop_gracefully_on_signals(running) as stop:
+        grid = tuner.fit()
     rows = _rows(grid, space, base, paths, stop)
     finished = [row for row in rows if not math.isnan(row.metric)]
     best = None
@@ -738,21 +705,6 @@ def run_sweep(
     result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri, stop)
     _write_outputs(result, output, tracker, time.perf_counter() - started, log)
     return result
-
-
-def fit_tuner(tuner: Any, tracker: Any) -> tuple[Any, Interruption]:
-    """``tuner.fit()`` with Tune's console off and Ctrl-C or SIGTERM stopping it gracefully; the parent run
-    ``tracker`` is closed KILLED if a signal stops it at once."""
-    from rayoodkd.console import silent_tune
-    from rayoodkd.engine.tracking import FAILURE_TAG
-
-    try:
-        with silent_tune(), stop_gracefully_on_signals() as stop:
-            return tuner.fit(), stop
-    except RunInterrupted as interrupted:
-        tracker.set_tags({FAILURE_TAG: str(interrupted)})
-        tracker.terminate("KILLED")
-        raise
 
 
 def _share_earlier_stages(
@@ -803,7 +755,7 @@ def _rows(
     grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths, stop: Interruption
 ) -> list[TrialRow]:
     """One row per trial; the MLflow child runs of trials Tune ended are closed with their outcome."""
-    from rayoodkd.engine.tracking import Tracker
+    from rayoodkd.engine.tracking import FAILURE_TAG, Tracker
     from rayoodkd.launch import RUN_FILE
 
     rows = []
@@ -822,7 +774,8 @@ def _rows(
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
             if cut_short:
-                close_cut_short(child, f"{stop.reason} at step {steps}")
+                child.set_tags({FAILURE_TAG: f"{stop.reason} at step {steps}"})
+                child.terminate("KILLED")
             elif stopped:
                 child.set_tags({"asha.stopped_at_step": str(steps)})
                 child.terminate("KILLED")
@@ -998,9 +951,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RunInterrupted as interrupted:  # a signal before Tune listened, or a second one
-        print(f"{interrupted}; run the same command with --resume to continue the sweep", file=sys.stderr)
-        return interrupted.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: Tune did not finish stopping
+        print("interrupted: run the same command with --resume to continue the sweep", file=sys.stderr)
+        return 130
     if result.interruption.reason is not None:
         return result.interruption.exit_code
     return 0 if result.best is not None else 1

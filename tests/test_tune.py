@@ -14,7 +14,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import ConfigError, resolve_config
-from rayoodkd.errors import RunInterrupted
 from rayoodkd.tune import (
     SPACE_DIR,
     SweepResult,
@@ -26,7 +25,6 @@ from rayoodkd.tune import (
     main,
     results_csv,
     run_sweep,
-    running_trials,
     stop_gracefully_on_signals,
     trial_config,
 )
@@ -198,31 +196,23 @@ def _deliver(signum: int) -> None:
 
 
 def test_ctrl_c_or_sigterm_during_a_fit_asks_tune_to_stop_and_is_remembered() -> None:
-    before = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
-    tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    running = running_trials()
     tune_stops: list[int] = []
-    with stop_gracefully_on_signals() as stop:
-        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # Tune leaves Ctrl-C to us
-        signal.signal(signal.SIGUSR1, lambda signum, frame: tune_stops.append(signum))  # Tune's loop listens
-        running.on_trial_start(0, [], SimpleNamespace(trial_id="a_00000", config={"cell": 0}))
-        running.on_trial_start(0, [], SimpleNamespace(trial_id="a_00001", config={"cell": 1}))
-        running.on_trial_complete(0, [], SimpleNamespace(trial_id="a_00000", config={"cell": 0}))
-        _deliver(signal.SIGTERM)
+    tune_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: tune_stops.append(signum))
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    try:
+        with stop_gracefully_on_signals(SimpleNamespace(ids={"a_00001"})) as stop:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # Tune leaves Ctrl-C to us
+            _deliver(signal.SIGTERM)
+        assert (stop.reason, stop.exit_code, stop.cut_short) == ("terminated (SIGTERM)", 143, {"a_00001"})
         assert tune_stops == [signal.SIGUSR1]  # Tune's own graceful stop
-    assert (stop.reason, stop.exit_code) == ("terminated (SIGTERM)", 143)
-    assert stop.cut_short == {"a_00001": {"cell": 1}}  # the trial still running when fit returned
-    with pytest.raises(RunInterrupted) as at_once, stop_gracefully_on_signals():
-        _deliver(signal.SIGINT)  # before Tune listens: nothing would stop it, so at once
-    assert (str(at_once.value), at_once.value.exit_code) == ("interrupted (Ctrl-C): stopped at once", 130)
-    with pytest.raises(RunInterrupted) as second, stop_gracefully_on_signals() as stop:
-        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
-        _deliver(signal.SIGINT)
-        assert stop.reason == "interrupted (Ctrl-C)"
-        _deliver(signal.SIGTERM)  # a second signal stops at once
-    assert second.value.exit_code == 143
-    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)] == before
-    assert os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") == tune_sigint
+        with pytest.raises(KeyboardInterrupt), stop_gracefully_on_signals(SimpleNamespace(ids=set())) as stop:
+            _deliver(signal.SIGINT)
+            assert (stop.reason, stop.exit_code) == ("interrupted (Ctrl-C)", 130)
+            _deliver(signal.SIGINT)  # a second signal stops at once
+    finally:
+        signal.signal(signal.SIGUSR1, tune_handler)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
 
 
 @pytest.mark.ray
