@@ -39,7 +39,6 @@ from typing import Any
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
 from rayoodkd.storage import ray_storage_path, read_json, write_json
-from rayoodkd.tune import Interruption
 
 COMPARE_FILE = "compare.json"
 COLUMNS = {
@@ -282,7 +281,6 @@ class CompareResult:
     output: Path
     parent_run_id: str
     tracking_uri: str
-    interruption: Interruption = field(default_factory=Interruption)
 
 
 def run_compare(
@@ -303,11 +301,11 @@ def run_compare(
     from ray import tune
 
     from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
-    from rayoodkd.engine.tracking import FAILURE_TAG, Tracker, default_tracking_uri
+    from rayoodkd.engine.tracking import Tracker, default_tracking_uri
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
-    from rayoodkd.tune import concurrent_trials, running_trials, stop_gracefully_on_signals
+    from rayoodkd.tune import concurrent_trials
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
@@ -326,7 +324,7 @@ def run_compare(
     record = read_json(f"{root}/{COMPARE_FILE}")
     if record is not None:
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
-        tracker.reopen()
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
     else:
         tracking_uri = first.tracking_uri or default_tracking_uri(first.storage_path)
         tracker = Tracker.create(
@@ -388,9 +386,7 @@ def run_compare(
         f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
     )
     started = time.perf_counter()
-    stop = Interruption()
     if pending:
-        running = running_trials()
         tuner = tune.Tuner(
             trainable,
             param_space={"cell": tune.grid_search(pending)},
@@ -399,19 +395,12 @@ def run_compare(
                 name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=root,
                 verbose=0,
-                callbacks=[_progress_callback(cells, TuneLog(log)), running],
+                callbacks=[_progress_callback(cells, TuneLog(log))],
             ),
         )
-        with silent_tune(), stop_gracefully_on_signals(running) as stop:
+        with silent_tune():
             tuner.fit()
     results = collect_results(cells, trials, tracker.tracking_uri, metrics)
-    if stop.reason is not None:  # the runs Tune ended then could not close their MLflow runs themselves
-        for result in results:
-            if result.status == "RUNNING":
-                cut = Tracker(tracker.tracking_uri, result.mlflow_run_id)
-                cut.set_tags({FAILURE_TAG: stop.reason})
-                cut.terminate("KILLED")
-                result.status = "KILLED"
     table = table_markdown(results, name, metrics)
     (output / "compare.md").write_text(table)
     (output / "results.csv").write_text(results_csv(results, metrics))
@@ -422,17 +411,12 @@ def run_compare(
         aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
     )
     unfinished = sum(r.status != "FINISHED" for r in results)
-    if stop.reason is not None:
-        tracker.set_tags({FAILURE_TAG: stop.reason})
-        tracker.terminate("KILLED")
-    else:
-        tracker.terminate("FAILED" if unfinished else "FINISHED")
+    tracker.terminate("FAILED" if unfinished else "FINISHED")
     log(table)
     log(f"compare {name}: table, CSV and curves in {output}")
     if unfinished:
-        why = f"{stop.reason}: " if stop.reason is not None else ""
-        log(f"compare {name}: {why}{unfinished} runs unfinished: run the same command again to resume them")
-    return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri, stop)
+        log(f"compare {name}: {unfinished} runs unfinished: run the same command again to resume them")
+    return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri)
 
 
 def aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
@@ -510,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         entries = [Entry.parse(text) for text in args.configs]
-        result = run_compare(
+        run_compare(
             entries,
             args.seeds,
             args.overrides,
@@ -525,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
         return 130
-    return result.interruption.exit_code
+    return 0
 
 
 if __name__ == "__main__":

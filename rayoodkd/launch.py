@@ -23,7 +23,7 @@ from typing import Any
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data
 from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
-from rayoodkd.engine.tracking import FAILURE_TAG, Tracker
+from rayoodkd.engine.tracking import Tracker
 from rayoodkd.errors import one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
@@ -175,7 +175,9 @@ def _mlflow_run(
     previous = read_json(f"{run_dir}/{RUN_FILE}")
     if previous is not None:
         tracker = Tracker(tracking_uri, previous["mlflow_run_id"])
-        return tracker, tracker.reopen()
+        status = tracker.status()
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        return tracker, status
     tracker = Tracker.create(tracking_uri, cfg.storage_path, cfg.experiment_name, run_name, tags)
     params = flatten(cfg.model_dump(mode="json", include=_logged_keys(cfg)))
     params.update({"run_name": run_name, "storage_path": storage})  # what was used, not the defaults
@@ -225,7 +227,7 @@ def _record_failure(
             tracker.set_tags({"rayoodkd.relaunch_failure": reason})
             tracker.terminate("FINISHED")
         else:
-            tracker.set_tags({FAILURE_TAG: reason})
+            tracker.set_tags({"rayoodkd.failure": reason})
             tracker.terminate("KILLED" if _interrupted(error) else "FAILED")
     except Exception as tracking_error:  # the failure itself is what the user must see
         log(f"warning: could not close MLflow run {tracker.run_id}: {one_line(tracking_error)}")

@@ -19,17 +19,11 @@ import copy
 import csv
 import io
 import math
-import os
 import re
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
 import yaml
@@ -267,71 +261,6 @@ class SweepPaths:
         return f"{self.root}/trials"
 
 
-@dataclass
-class Interruption:
-    """Ctrl-C or SIGTERM during a Tune fit: why, the command's exit code, and the trials it cut short."""
-
-    reason: str | None = None
-    exit_code: int = 0
-    cut_short: set[str] = field(default_factory=set)
-
-
-def running_trials() -> Any:
-    """A Tune callback holding the IDs of the trials running now (``.ids``)."""
-    from ray.tune import Callback
-
-    class RunningTrials(Callback):
-        def __init__(self) -> None:
-            self.ids: set[str] = set()
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.ids.add(trial.trial_id)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.ids.discard(trial.trial_id)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.ids.discard(trial.trial_id)
-
-    return RunningTrials()
-
-
-@contextmanager
-def stop_gracefully_on_signals(running: Any) -> Iterator[Interruption]:
-    """Around ``tuner.fit()`` in the main thread: Ctrl-C and SIGTERM stop the run the way Tune stops on
-    Ctrl-C (state saved, trials ended, ``fit`` returns), and the :class:`Interruption` says so, with the
-    trials of ``running`` (:func:`running_trials`) cut short then; a second signal stops at once. Tune
-    catches SIGINT only, and ends ``fit`` normally: without this a sweep stopped by Ctrl-C looked finished."""
-    stop = Interruption()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.reason is not None:
-            raise KeyboardInterrupt
-        stop.reason = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-        stop.exit_code = 128 + signum
-        stop.cut_short = set(running.ids)
-        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its run on SIGUSR1 as on SIGINT
-
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) for signum in stops}
-    tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    for signum in stops:
-        signal.signal(signum, handler)
-    try:
-        yield stop
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
-        if tune_sigint is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_sigint
-
-
 def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, str]) -> None:
     """One trial (a Tune function trainable): a full rayoodkd run whose reports go to Tune."""
     from ray import tune
@@ -412,7 +341,6 @@ class SweepResult:
     best_config: dict[str, Any] | None
     parent_run_id: str
     tracking_uri: str
-    interruption: Interruption = field(default_factory=Interruption)
 
     def table(self) -> str:
         keys = list(self.space.search)
@@ -449,9 +377,7 @@ class SweepResult:
         full = sum(row.max_steps for row in self.rows)
         render.append("-" * len(render[0]))
         render.append(
-            f"training steps run: {spent} of {full}"
-            if self.interruption.reason is not None
-            else f"training steps run: {spent} of {full} without early stopping "
+            f"training steps run: {spent} of {full} without early stopping "
             f"({100 * (1 - spent / max(full, 1)):.0f}% saved)"
         )
         if self.best is not None:
@@ -460,16 +386,7 @@ class SweepResult:
                 f"{self.space.metric} {_fmt(self.best.metric)}; checkpoint {self.best.checkpoint}"
             )
         render.append(f"MLflow: {self.tracking_uri}  parent run {self.parent_run_id}")
-        if self.interruption.reason is not None:
-            render.append(
-                f"{self.interruption.reason}: {_count(len(self.interruption.cut_short), 'trial')} cut short; "
-                "run the same command with --resume to continue the sweep"
-            )
         return "\n".join(render)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _fmt(value: Any) -> str:
@@ -620,7 +537,6 @@ def run_sweep(
         space, base = SweepSpace.model_validate(record["space"]), record["base"]
         cfg = build_config(base)
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
-        tracker.reopen()
         paths = SweepPaths(paths.root, record["tracking_uri"])
     else:
         tracker = Tracker.create(
@@ -661,7 +577,6 @@ def run_sweep(
         tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
     )
     log(f"sweep {space.name}: {'resuming' if resume else 'starting'}; MLflow parent run {tracker.run_id}")
-    running = running_trials()
     started = time.perf_counter()
     if resume:
         tuner = tune.Tuner.restore(
@@ -690,19 +605,19 @@ def run_sweep(
                 storage_path=paths.root,
                 failure_config=tune.FailureConfig(max_failures=space.max_failures),
                 verbose=0,
-                callbacks=[_trial_lines(space, base, TuneLog(log)), running],
+                callbacks=[_trial_lines(space, base, TuneLog(log))],
             ),
         )
-    with silent_tune(), stop_gracefully_on_signals(running) as stop:
+    with silent_tune():
         grid = tuner.fit()
-    rows = _rows(grid, space, base, paths, stop)
+    rows = _rows(grid, space, base, paths)
     finished = [row for row in rows if not math.isnan(row.metric)]
     best = None
     if finished:
         pick = max if space.mode == "max" else min
         best = pick(finished, key=lambda row: row.metric)
     best_config = trial_config(base, best.sampled) if best else None
-    result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri, stop)
+    result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri)
     _write_outputs(result, output, tracker, time.perf_counter() - started, log)
     return result
 
@@ -751,11 +666,9 @@ def _trial_id(result: Any) -> str:
     return match.group(1) if match else Path(result.path).name
 
 
-def _rows(
-    grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths, stop: Interruption
-) -> list[TrialRow]:
+def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
     """One row per trial; the MLflow child runs of trials Tune ended are closed with their outcome."""
-    from rayoodkd.engine.tracking import FAILURE_TAG, Tracker
+    from rayoodkd.engine.tracking import Tracker
     from rayoodkd.launch import RUN_FILE
 
     rows = []
@@ -768,15 +681,10 @@ def _rows(
         steps = int(metrics.get("step", 0))
         run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
         run_id = run_record.get("mlflow_run_id", "")
-        cut_short = trial_id in stop.cut_short
-        # Only a run's last report has test/top1.
-        stopped = result.error is None and "test/top1" not in metrics and not cut_short
+        stopped = result.error is None and "test/top1" not in metrics  # only a run's last report has it
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
-            if cut_short:
-                child.set_tags({FAILURE_TAG: f"{stop.reason} at step {steps}"})
-                child.terminate("KILLED")
-            elif stopped:
+            if stopped:
                 child.set_tags({"asha.stopped_at_step": str(steps)})
                 child.terminate("KILLED")
             elif child.client.get_run(run_id).info.status == "RUNNING":
@@ -792,7 +700,7 @@ def _rows(
                 steps=steps,
                 max_steps=max_steps,
                 stopped_early=stopped,
-                status="ERROR" if result.error is not None else "INTERRUPTED" if cut_short else "TERMINATED",
+                status="ERROR" if result.error is not None else "TERMINATED",
                 checkpoint=str(metrics.get("checkpoint_path", "")),
                 mlflow_run_id=run_id,
             )
@@ -865,8 +773,6 @@ def best_yaml(result: SweepResult) -> str:
 
 
 def _write_outputs(result: SweepResult, output: Path, tracker: Any, seconds: float, log: Any) -> None:
-    from rayoodkd.engine.tracking import FAILURE_TAG
-
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.csv").write_text(results_csv(result))
     tracker.log_text(results_csv(result), "results.csv")
@@ -885,11 +791,7 @@ def _write_outputs(result: SweepResult, output: Path, tracker: Any, seconds: flo
         summary[f"best/{result.space.metric}"] = result.best.metric
         tracker.set_tags({"best_trial": result.best.trial_id, "best_checkpoint": result.best.checkpoint})
     tracker.log_metrics(summary, 0)
-    if result.interruption.reason is not None:
-        tracker.set_tags({FAILURE_TAG: result.interruption.reason})
-        tracker.terminate("KILLED")
-    else:
-        tracker.terminate("FINISHED" if result.best is not None else "FAILED")
+    tracker.terminate("FINISHED" if result.best is not None else "FAILED")
     log(result.table())
     best = f"; best config: {output / 'best.yaml'}" if result.best else ""
     log(f"results: {output / 'results.csv'}{best}")
@@ -951,11 +853,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: Tune did not finish stopping
-        print("interrupted: run the same command with --resume to continue the sweep", file=sys.stderr)
-        return 130
-    if result.interruption.reason is not None:
-        return result.interruption.exit_code
     return 0 if result.best is not None else 1
 
 

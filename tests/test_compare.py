@@ -183,58 +183,6 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
     assert [r.metrics for r in again.results] == [r.metrics for r in result.results]
 
 
-@pytest.mark.ray
-def test_ctrl_c_during_a_comparison_closes_its_runs_killed_and_exits_130(
-    tmp_path: Path, tiny_teacher: Path, ray_local, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import os
-    import signal
-
-    import rayoodkd.compare
-
-    progress = rayoodkd.compare._progress_callback
-
-    def interrupting_progress(*args: object) -> object:
-        class CtrlCAtTheFirstReport(type(progress(*args))):
-            def on_trial_result(
-                self, iteration: int, trials: list, trial: object, result: dict, **info
-            ) -> None:
-                if not getattr(self, "sent", False):
-                    self.sent = True
-                    os.kill(os.getpid(), signal.SIGINT)
-
-        return CtrlCAtTheFirstReport()
-
-    monkeypatch.setattr(rayoodkd.compare, "_progress_callback", interrupting_progress)
-    overrides = [
-        f"teacher.checkpoint={tiny_teacher}",
-        f"storage_path={tmp_path / 'runs'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.ood.num_images=800",
-        "data.batch_size=32",
-        "num_workers=1",  # Ray Train reports reach Tune (a run in the driver reports only at its end)
-        "max_steps=2000",
-        "eval.every=2",
-    ]
-    argv = [
-        "--configs",
-        "demo",
-        "--seeds",
-        "0",
-        "1",
-        "--max-concurrent",
-        "1",
-        "--output",
-        str(tmp_path / "out"),
-    ]
-    assert main([*argv, "--name", "cut", *overrides]) == 130
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert runs and all(run.info.status == "KILLED" for run in runs)  # the parent, the cell it cut short
-    assert {run.data.tags["rayoodkd.failure"] for run in runs} == {"interrupted (Ctrl-C)"}
-    assert (tmp_path / "out" / "compare.md").exists()
-
-
 def test_a_tune_callback_log_still_pickles_once_ray_has_patched_print(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

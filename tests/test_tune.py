@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -25,7 +21,6 @@ from rayoodkd.tune import (
     main,
     results_csv,
     run_sweep,
-    stop_gracefully_on_signals,
     trial_config,
 )
 
@@ -187,71 +182,6 @@ def test_more_trials_at_once_than_a_fixed_cluster_fits_are_lowered_saying_why(
     monkeypatch.setattr("rayoodkd.preflight.autoscaler_present", lambda: True)
     assert concurrent_trials(3, [cfg], 0.5, "", "", lines.append) == 3  # an autoscaler adds nodes for them
     assert lines == []
-
-
-def _deliver(signum: int) -> None:
-    """Send ``signum`` to this process and give Python the bytecode boundary at which its handler runs."""
-    os.kill(os.getpid(), signum)
-    time.sleep(0.05)
-
-
-def test_ctrl_c_or_sigterm_during_a_fit_asks_tune_to_stop_and_is_remembered() -> None:
-    tune_stops: list[int] = []
-    tune_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: tune_stops.append(signum))
-    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    try:
-        with stop_gracefully_on_signals(SimpleNamespace(ids={"a_00001"})) as stop:
-            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # Tune leaves Ctrl-C to us
-            _deliver(signal.SIGTERM)
-        assert (stop.reason, stop.exit_code, stop.cut_short) == ("terminated (SIGTERM)", 143, {"a_00001"})
-        assert tune_stops == [signal.SIGUSR1]  # Tune's own graceful stop
-        with pytest.raises(KeyboardInterrupt), stop_gracefully_on_signals(SimpleNamespace(ids=set())) as stop:
-            _deliver(signal.SIGINT)
-            assert (stop.reason, stop.exit_code) == ("interrupted (Ctrl-C)", 130)
-            _deliver(signal.SIGINT)  # a second signal stops at once
-    finally:
-        signal.signal(signal.SIGUSR1, tune_handler)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
-
-
-@pytest.mark.ray
-def test_ctrl_c_during_a_sweep_ends_it_killed_with_the_trial_it_cut_short_and_resumable(
-    tmp_path: Path, ray_local, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import rayoodkd.tune
-
-    lines = rayoodkd.tune._trial_lines
-
-    def interrupting_lines(*args: object) -> object:
-        class CtrlCAtTheFirstReport(type(lines(*args))):
-            def on_trial_result(
-                self, iteration: int, trials: list, trial: object, result: dict, **info
-            ) -> None:
-                if not getattr(self, "sent", False):
-                    self.sent = True
-                    os.kill(os.getpid(), signal.SIGINT)
-
-        return CtrlCAtTheFirstReport()
-
-    monkeypatch.setattr(rayoodkd.tune, "_trial_lines", interrupting_lines)
-    overrides = [f"storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}"]
-    space, base = load_space("smoke", [*overrides, "teacher.recipe.epochs=2"])
-    handler = signal.getsignal(signal.SIGINT)
-    result = run_sweep(space, base, output=tmp_path / "out")
-    assert signal.getsignal(signal.SIGINT) is handler
-    assert (result.interruption.reason, result.interruption.exit_code) == ("interrupted (Ctrl-C)", 130)
-    [row] = result.rows  # one trial at a time: the first one, cut short
-    assert row.status == "INTERRUPTED" and not row.stopped_early and row.steps < 40
-    assert result.table().splitlines()[-1] == (
-        "interrupted (Ctrl-C): 1 trial cut short; run the same command with --resume to continue the sweep"
-    )
-    client = MlflowClient(result.tracking_uri)
-    parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "KILLED" and parent.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
-    child = client.get_run(row.mlflow_run_id)
-    assert child.info.status == "KILLED"
-    assert child.data.tags["rayoodkd.failure"] == f"interrupted (Ctrl-C) at step {row.steps}"
 
 
 @pytest.mark.ray

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND = "mlflow.experimentKind"
-FAILURE_TAG = "rayoodkd.failure"
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -146,18 +145,6 @@ class Tracker:
     def status(self) -> str:
         """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
         return self.client.get_run(self.run_id).info.status
-
-    def reopen(self) -> str:
-        """Mark the run RUNNING again (a relaunched run, a resumed sweep or comparison) and return the status
-        it had; why an earlier attempt ended moves from ``rayoodkd.failure`` to ``rayoodkd.resumed_after``,
-        so that a run that then finishes does not read as failed."""
-        run = self.client.get_run(self.run_id)
-        failure = run.data.tags.get(FAILURE_TAG)
-        if failure is not None:
-            self.set_tags({"rayoodkd.resumed_after": failure})
-            self.client.delete_tag(self.run_id, FAILURE_TAG)
-        self.client.update_run(self.run_id, status="RUNNING")
-        return run.info.status
 
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
