@@ -33,27 +33,26 @@ RESERVED_STUDENT_KWARGS = ("num_classes", "in_channels", "image_size")
 
 def check_storage(storage_path: str) -> None:
     """``storage_path`` can be created and written (a probe file is written and removed)."""
+    _check_writable("storage_path", storage_path)
+
+
+def check_output_dir(option: str, directory: Path) -> None:
+    """``directory`` (a command's ``--output``) can be created and written: checked before the sweep or the
+    comparison whose results it will hold, not after it."""
+    _check_writable(option, str(directory))
+
+
+def _check_writable(key: str, location: str) -> None:
+    """``location`` (local or a URI) can be created and a probe file written in it and removed."""
     try:
-        fs, root = filesystem(storage_path)
+        fs, root = filesystem(location)
         probe = f"{root.rstrip('/')}/.rayoodkd-write-probe-{uuid.uuid4().hex}"
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(probe) as stream:
             stream.write(b"ok")
         fs.delete_file(probe)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"storage_path: cannot write to {storage_path!r} ({first_line(error)})") from None
-
-
-def check_output_dir(option: str, directory: Path) -> None:
-    """``directory`` (a command's ``--output``) can be created and written: checked before the sweep or the
-    comparison whose results it will hold, not after it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".rayoodkd-write-probe-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"{option}: cannot write to {str(directory)!r} ({first_line(error)})") from None
+        raise ConfigError(f"{key}: cannot write to {location!r} ({first_line(error)})") from None
 
 
 def check_tracking(tracking_uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:

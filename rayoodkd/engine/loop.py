@@ -276,10 +276,11 @@ class Worker:
         # and evaluation metrics are tracked apart (an attempt can die between the two at one step).
         self.logged_through = self.evaluated_through = 0
 
-    def _open_tracker(self) -> Tracker | None:
+    def _open_tracker(self, *, monitor: bool = True) -> Tracker | None:
         """Rank 0's MLflow run, joined at its first write rather than before the first step: the thread that
         imports MLflow and opens the store (``open_store_in_background``) then runs alongside the first steps,
-        on the cores the other ranks would leave idle while waiting for rank 0 at the first all-reduce."""
+        on the cores the other ranks would leave idle while waiting for rank 0 at the first all-reduce.
+        ``monitor``: start the system-metrics monitor too (not for a run that has already failed)."""
         if self.store_opened is None:
             return self.tracker
         store, self.store_opened = self.store_opened, None
@@ -299,7 +300,7 @@ class Worker:
             tags = tags | {"resume.skipped_checkpoints": "; ".join(self.skipped_checkpoints)}
         if tags:
             tracker.set_tags(tags)
-        if self.cfg.system_metrics:
+        if monitor and self.cfg.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(
@@ -744,7 +745,7 @@ class Worker:
             # A run that fails before its first log still gets its derived params and startup tags on its
             # MLflow page; a store that cannot be opened must not hide that failure.
             with contextlib.suppress(Exception):
-                self._open_tracker()
+                self._open_tracker(monitor=False)
             raise
         finally:
             self.streams.close()
