@@ -9,7 +9,9 @@
 ``fit`` takes what ``rayoodkd train`` takes: a preset name, a YAML file or a config object, plus overrides as
 keyword arguments (``__`` for the dots of a nested key) or as ``KEY=VALUE`` strings. Bad input raises
 :class:`rayoodkd.config.ConfigError` (one line naming the key) before Ray starts; a failed run raises
-:class:`rayoodkd.launch.RunFailed`.
+:class:`rayoodkd.launch.RunFailed`; Ctrl-C or SIGTERM during a run raises
+:class:`rayoodkd.errors.RunInterrupted` (a ``KeyboardInterrupt`` whose message says whether the run resumes)
+once its MLflow run is closed.
 """
 
 from __future__ import annotations

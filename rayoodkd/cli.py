@@ -35,7 +35,7 @@ def prog(command: str) -> str:
     """``command`` as this process was started, for its usage and error lines: ``rayoodkd train`` from the
     console script or ``python -m rayoodkd``, ``python -m rayoodkd.train`` when the module itself runs."""
     launcher = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    through_cli = launcher.name == "rayoodkd" or launcher == Path(__file__).with_name("__main__.py")
+    through_cli = launcher.stem == "rayoodkd" or launcher == Path(__file__).with_name("__main__.py")
     return f"rayoodkd {command}" if through_cli else f"python -m rayoodkd.{command}"
 
 

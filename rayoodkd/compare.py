@@ -38,6 +38,8 @@ from typing import Any
 
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
+from rayoodkd.errors import RunInterrupted
+from rayoodkd.interruption import CTRL_C, Interruption
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 
 COMPARE_FILE = "compare.json"
@@ -281,6 +283,7 @@ class CompareResult:
     output: Path
     parent_run_id: str
     tracking_uri: str
+    interruption: Interruption = field(default_factory=Interruption)
 
 
 def run_compare(
@@ -300,12 +303,13 @@ def run_compare(
     columns."""
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers
     from rayoodkd.engine.tracking import Tracker, default_tracking_uri
+    from rayoodkd.interruption import close_cut_short, parent_killed_if_stopped_at_once, running_trials
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
-    from rayoodkd.tune import concurrent_trials
+    from rayoodkd.tune import concurrent_trials, fit_tuner
 
     if not seeds:
         raise ConfigError("--seeds: at least one seed")
@@ -324,7 +328,6 @@ def run_compare(
     record = read_json(f"{root}/{COMPARE_FILE}")
     if record is not None:
         tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
     else:
         tracking_uri = first.tracking_uri or default_tracking_uri(first.storage_path)
         tracker = Tracker.create(
@@ -349,74 +352,96 @@ def run_compare(
                 "cells": [c.run_name for c in cells],
             },
         )
-    teachers = {}
-    for cell in cells:
-        cfg = build_config(cell.config)
-        teachers.setdefault(cfg.teacher.model_dump_json(), cfg)
-    quiet_python_loggers()
-    # Before the teachers: their recipes read corpora through Ray Data, which would start Ray its own way.
-    start_or_join_ray(first.ray_dashboard, trials=True, ray_logs=first.ray_logs)
-    for cfg in teachers.values():
-        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
-    quiet_python_loggers()  # again: importing Ray Data and Tune configures their loggers
-    compare = {
-        "name": name,
-        "trials": trials,
-        "tracking_uri": tracker.tracking_uri,
-        "parent_run_id": tracker.run_id,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, cells=cells, compare=compare), {"CPU": driver_cpus}
-    )
-    results = collect_results(cells, trials, tracker.tracking_uri)
-    finished = {r.run_name for r in results if r.status == "FINISHED"}
-    pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
-    most = max(len(pending), 1)
-    concurrent = concurrent_trials(
-        None if max_concurrent is None else min(max_concurrent, most),
-        [build_config(cell.config) for cell in cells],
-        driver_cpus,
-        f"--max-concurrent {max_concurrent}",
-        "lower resources.cpus_per_worker, or add nodes",
-        log,
-    )
-    concurrent = min(concurrent, most)
-    log(
-        f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
-        f"{len(pending)} to run, {concurrent} at once; MLflow run {tracker.run_id} at {tracker.tracking_uri}"
-    )
-    started = time.perf_counter()
-    if pending:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search(pending)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=root,
-                verbose=0,
-                callbacks=[_progress_callback(cells, TuneLog(log))],
-            ),
+    with parent_killed_if_stopped_at_once(tracker):
+        teachers = {}
+        for cell in cells:
+            cfg = build_config(cell.config)
+            teachers.setdefault(cfg.teacher.model_dump_json(), cfg)
+        quiet_python_loggers()
+        # Before the teachers: their recipes read corpora through Ray Data, which would start Ray its own way.
+        start_or_join_ray(first.ray_dashboard, trials=True, ray_logs=first.ray_logs)
+        for cfg in teachers.values():
+            ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
+        quiet_python_loggers()  # again: importing Ray Data and Tune configures their loggers
+        compare = {
+            "name": name,
+            "trials": trials,
+            "tracking_uri": tracker.tracking_uri,
+            "parent_run_id": tracker.run_id,
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, cells=cells, compare=compare), {"CPU": driver_cpus}
         )
-        with silent_tune():
-            tuner.fit()
-    results = collect_results(cells, trials, tracker.tracking_uri, metrics)
-    table = table_markdown(results, name, metrics)
-    (output / "compare.md").write_text(table)
-    (output / "results.csv").write_text(results_csv(results, metrics))
-    plot_curves(results, output / "curves.png", name)
-    for file in ("compare.md", "results.csv", "curves.png"):
-        tracker.log_artifact(output / file)
-    tracker.log_metrics(
-        aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
-    )
-    unfinished = sum(r.status != "FINISHED" for r in results)
-    tracker.terminate("FAILED" if unfinished else "FINISHED")
-    log(table)
-    log(f"compare {name}: table, CSV and curves in {output}")
-    if unfinished:
-        log(f"compare {name}: {unfinished} runs unfinished: run the same command again to resume them")
-    return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri)
+        results = collect_results(cells, trials, tracker.tracking_uri)
+        finished = {r.run_name for r in results if r.status == "FINISHED"}
+        pending = [index for index, cell in enumerate(cells) if cell.run_name not in finished]
+        most = max(len(pending), 1)
+        concurrent = concurrent_trials(
+            None if max_concurrent is None else min(max_concurrent, most),
+            [build_config(cell.config) for cell in cells],
+            driver_cpus,
+            f"--max-concurrent {max_concurrent}",
+            "lower resources.cpus_per_worker, or add nodes",
+            log,
+        )
+        concurrent = min(concurrent, most)
+        log(
+            f"compare {name}: {len(cells)} runs ({len(entries)} configs x {len(seeds)} seeds), "
+            f"{len(pending)} to run, {concurrent} at once; "
+            f"MLflow run {tracker.run_id} at {tracker.tracking_uri}"
+        )
+        started = time.perf_counter()
+        if record is not None:
+            tracker.reopen()
+        stop = Interruption()
+        if pending:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"cell": tune.grid_search(pending)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(
+                    name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                    storage_path=root,
+                    verbose=0,
+                    callbacks=[_progress_callback(cells, TuneLog(log)), running_trials()],
+                ),
+            )
+            _, stop = fit_tuner(tuner)
+        results = collect_results(cells, trials, tracker.tracking_uri, metrics)
+        cut_cells = {config["cell"] for config in stop.cut_short.values()}
+        # Tune ended these runs without waiting for them to close their MLflow runs.
+        close_cut_short(
+            [
+                (Tracker(tracker.tracking_uri, results[index].mlflow_run_id), stop.reason)
+                for index in cut_cells
+                if results[index].mlflow_run_id
+            ]
+        )
+        if cut_cells:
+            results = collect_results(cells, trials, tracker.tracking_uri, metrics)
+        table = table_markdown(results, name, metrics)
+        (output / "compare.md").write_text(table)
+        (output / "results.csv").write_text(results_csv(results, metrics))
+        plot_curves(results, output / "curves.png", name)
+        for file in ("compare.md", "results.csv", "curves.png"):
+            tracker.log_artifact(output / file)
+        tracker.log_metrics(
+            aggregate_metrics(results) | {"compare/wall_seconds": time.perf_counter() - started}, 0
+        )
+        unfinished = sum(r.status != "FINISHED" for r in results)
+        if stop.reason is not None:
+            tracker.end("KILLED", stop.reason)
+        else:
+            tracker.terminate("FAILED" if unfinished else "FINISHED")
+        log(table)
+        log(f"compare {name}: table, CSV and curves in {output}")
+        if unfinished:
+            why = f"{stop.reason}: " if stop.reason is not None else ""
+            log(
+                f"compare {name}: {why}{unfinished} runs unfinished: "
+                "run the same command again to resume them"
+            )
+        return CompareResult(name, results, table, output, tracker.run_id, tracker.tracking_uri, stop)
 
 
 def aggregate_metrics(results: list[CellResult]) -> dict[str, float]:
@@ -494,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         entries = [Entry.parse(text) for text in args.configs]
-        run_compare(
+        result = run_compare(
             entries,
             args.seeds,
             args.overrides,
@@ -506,10 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
+    except RunInterrupted as interrupted:  # stopped at once, after the comparison was recorded
+        print(f"{interrupted}; run the same command again to resume the unfinished runs", file=sys.stderr)
+        return interrupted.exit_code
+    except KeyboardInterrupt:  # before the comparison was recorded: nothing to resume
+        print(f"{CTRL_C} before the comparison started", file=sys.stderr)
         return 130
-    return 0
+    return result.interruption.exit_code
 
 
 if __name__ == "__main__":

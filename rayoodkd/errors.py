@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run, sweep or comparison: the message says whether and how it resumes;
+    ``exit_code`` is the command's (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of ``error``'s message (its type name when the message is empty), at most ``limit``."""
     text = str(error).strip()

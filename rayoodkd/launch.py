@@ -22,9 +22,9 @@ from typing import Any
 
 from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data
-from rayoodkd.engine.checkpoint import STATE_FILE, checkpoint_dirs, newest_intact
+from rayoodkd.engine.checkpoint import STATE_FILE, newest_intact
 from rayoodkd.engine.tracking import Tracker
-from rayoodkd.errors import one_line
+from rayoodkd.errors import RunInterrupted, one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
 from rayoodkd.raystart import sigterm_received, start_or_join_ray
@@ -37,15 +37,6 @@ EVAL_SPLITS = ("val", "test")
 
 class RunFailed(RuntimeError):
     """Training failed after the run started; the message is one line with the reason."""
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM after the run started: the message says whether and how it resumes; ``exit_code`` is
-    the command's (130 for Ctrl-C, 143 for SIGTERM)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -175,9 +166,7 @@ def _mlflow_run(
     previous = read_json(f"{run_dir}/{RUN_FILE}")
     if previous is not None:
         tracker = Tracker(tracking_uri, previous["mlflow_run_id"])
-        status = tracker.status()
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
-        return tracker, status
+        return tracker, tracker.reopen()
     tracker = Tracker.create(tracking_uri, cfg.storage_path, cfg.experiment_name, run_name, tags)
     params = flatten(cfg.model_dump(mode="json", include=_logged_keys(cfg)))
     params.update({"run_name": run_name, "storage_path": storage})  # what was used, not the defaults
@@ -202,11 +191,12 @@ def _secondary(cause: BaseException) -> bool:
     return any(hint in text for hint in ("connection closed by peer", "connection reset", "gloo", "nccl"))
 
 
-def failure_reason(error: BaseException) -> str:
+def failure_reason(error: BaseException, run_started: float = 0.0) -> str:
     """One line saying why a run ended: for a Ray Train failure, the worker that failed first-hand (a dead
-    actor or its own exception rather than a peer's broken collective), lowest rank first."""
+    actor or its own exception rather than a peer's broken collective), lowest rank first; for an
+    interruption, SIGTERM if one arrived after ``run_started`` (``time.monotonic()``), else Ctrl-C."""
     if _interrupted(error):
-        return "terminated (SIGTERM)" if sigterm_received() else "interrupted (Ctrl-C)"
+        return "terminated (SIGTERM)" if sigterm_received(run_started) else "interrupted (Ctrl-C)"
     failures = getattr(error, "worker_failures", None)
     if failures:
         causes = {rank: getattr(cause, "cause", None) or cause for rank, cause in failures.items()}
@@ -217,27 +207,33 @@ def failure_reason(error: BaseException) -> str:
 
 
 def _record_failure(
-    tracker: Tracker, previous_status: str | None, run_dir: str, error: BaseException, log: Any
-) -> str:
+    tracker: Tracker,
+    previous_status: str | None,
+    run_dir: str,
+    error: BaseException,
+    started: float,
+    log: Any,
+) -> tuple[str, bool]:
     """Close the MLflow run for ``error`` (best effort: a tracking server that is gone only costs a warning)
-    and forget a run that has no intact checkpoint, so a relaunch starts afresh; return the reason."""
-    reason = failure_reason(error)
+    and forget a run that has no intact checkpoint, so a relaunch starts afresh; return the reason and whether
+    a relaunch resumes."""
+    reason = failure_reason(error, started)
     try:
         if previous_status == "FINISHED":
             tracker.set_tags({"rayoodkd.relaunch_failure": reason})
             tracker.terminate("FINISHED")
         else:
-            tracker.set_tags({"rayoodkd.failure": reason})
-            tracker.terminate("KILLED" if _interrupted(error) else "FAILED")
+            tracker.end("KILLED" if _interrupted(error) else "FAILED", reason)
     except Exception as tracking_error:  # the failure itself is what the user must see
         log(f"warning: could not close MLflow run {tracker.run_id}: {one_line(tracking_error)}")
     try:
         if newest_intact(run_dir).directory is None:
             fs, path = filesystem(f"{run_dir}/{RUN_FILE}")
             fs.delete_file(path)
+            return reason, False
     except OSError as storage_error:
         log(f"warning: could not check {run_dir}: {one_line(storage_error)}")
-    return reason
+    return reason, True
 
 
 def _train_on_workers(
@@ -315,7 +311,7 @@ def launch(
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
     """
-    started, launched_at = time.perf_counter(), time.time()
+    started, launched_at = time.monotonic(), time.time()
     phases = Phases()
     quiet_ray_data(cfg.ray_logs)  # before a teacher recipe's reads too; importing Ray Data sets its loggers
     if not cfg.ray_logs:
@@ -361,14 +357,13 @@ def launch(
         summary = _summary(cfg, run_name, metrics, checkpoint, tracker, teacher_path, corrupt_images, started)
         _finish_tracking(tracker, summary)
     except BaseException as error:
-        reason = _record_failure(tracker, previous_status, run_dir, error, log)
-        resumable = bool(checkpoint_dirs(run_dir))
+        reason, resumable = _record_failure(tracker, previous_status, run_dir, error, started, log)
         if _interrupted(error):
             raise RunInterrupted(
                 f"{reason}: run {run_name} keeps its checkpoints in {run_dir}; launch it again to resume"
                 if resumable
                 else f"{reason} before its first checkpoint: a new launch of run {run_name} starts afresh",
-                143 if sigterm_received() else 130,
+                143 if sigterm_received(started) else 130,
             ) from error
         if resumable:
             log(
@@ -408,7 +403,7 @@ def _summary(
         steps=int(metrics["step"]),
         images_per_second=metrics.get("throughput/images_per_second", 0.0),
         train_seconds=metrics["train_seconds"],
-        wall_seconds=time.perf_counter() - started,
+        wall_seconds=time.monotonic() - started,
         num_workers=cfg.num_workers,
         resumed_from_step=int(metrics["resumed_from_step"]),
         corrupt_skipped=sum(corrupt_images.values()) + int(metrics.get("data/corrupt_skipped", 0)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 from rayoodkd.console import quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
@@ -49,17 +50,21 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
         show_only_marked_worker_lines()
 
 
-_sigterm = threading.Event()
+# When SIGTERM last arrived (time.monotonic()): a long-lived process (the Python API, a notebook) ascribes it
+# only to the run it ended, not to every run after it.
+_sigterm_at: float | None = None
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    _sigterm.set()
+    global _sigterm_at
+    _sigterm_at = time.monotonic()
     raise SystemExit(128 + signum)
 
 
-def sigterm_received() -> bool:
-    """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) since it joined Ray."""
-    return _sigterm.is_set()
+def sigterm_received(since: float = 0.0) -> bool:
+    """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) at or after ``since``
+    (a ``time.monotonic()`` reading; by default: since it joined Ray)."""
+    return _sigterm_at is not None and _sigterm_at >= since
 
 
 def start_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:

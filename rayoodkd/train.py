@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rayoodkd.launch import RunFailed, RunInterrupted, launch
+        from rayoodkd.errors import RunInterrupted
+        from rayoodkd.launch import RunFailed, launch
 
         try:
             summary = launch(cfg)

@@ -22,9 +22,9 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -42,7 +42,19 @@ from rayoodkd.config import (
     set_dotted,
     to_yaml,
 )
+from rayoodkd.errors import RunInterrupted
+from rayoodkd.interruption import (
+    CTRL_C,
+    Interruption,
+    close_cut_short,
+    parent_killed_if_stopped_at_once,
+    running_trials,
+    stop_gracefully_on_signals,
+)
 from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid, Tuner
 
 # The spaces shipped with the package (package data); ``--space NAME`` also looks in ./tune_spaces first.
 SPACE_DIR = Path(__file__).resolve().parent / "tune_spaces"
@@ -341,6 +353,7 @@ class SweepResult:
     best_config: dict[str, Any] | None
     parent_run_id: str
     tracking_uri: str
+    interruption: Interruption = field(default_factory=Interruption)
 
     def table(self) -> str:
         keys = list(self.space.search)
@@ -377,7 +390,9 @@ class SweepResult:
         full = sum(row.max_steps for row in self.rows)
         render.append("-" * len(render[0]))
         render.append(
-            f"training steps run: {spent} of {full} without early stopping "
+            f"training steps run: {spent} of {full}"
+            if self.interruption.reason is not None
+            else f"training steps run: {spent} of {full} without early stopping "
             f"({100 * (1 - spent / max(full, 1)):.0f}% saved)"
         )
         if self.best is not None:
@@ -386,7 +401,16 @@ class SweepResult:
                 f"{self.space.metric} {_fmt(self.best.metric)}; checkpoint {self.best.checkpoint}"
             )
         render.append(f"MLflow: {self.tracking_uri}  parent run {self.parent_run_id}")
+        if self.interruption.reason is not None:
+            render.append(
+                f"{self.interruption.reason}: {_count(len(self.interruption.cut_short), 'trial')} cut short; "
+                "run the same command with --resume to continue the sweep"
+            )
         return "\n".join(render)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _fmt(value: Any) -> str:
@@ -513,7 +537,7 @@ def run_sweep(
     """Run (or resume) a sweep to the end; write ``results.csv`` and ``best.yaml``; return the table."""
     from ray import tune
 
-    from rayoodkd.console import TuneLog, quiet_python_loggers, silent_tune
+    from rayoodkd.console import TuneLog, quiet_python_loggers
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
@@ -561,65 +585,75 @@ def run_sweep(
                 "tracking_uri": paths.tracking_uri,
             },
         )
-    # Before the teacher, whose recipe reads its corpora through Ray Data (which would start Ray its own way).
-    start_or_join_ray(cfg.ray_dashboard, trials=True, ray_logs=cfg.ray_logs)
-    if not any(key.startswith("teacher.") for key in space.search):
-        ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
-    sweep = {
-        "name": space.name,
-        "trials": paths.trials,
-        "tracking_uri": paths.tracking_uri,
-        "parent_run_id": tracker.run_id,
-    }
-    if space.start_stage is not None:
-        base = _share_earlier_stages(space, base, paths, tracker.run_id, log)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
-    )
-    log(f"sweep {space.name}: {'resuming' if resume else 'starting'}; MLflow parent run {tracker.run_id}")
-    started = time.perf_counter()
-    if resume:
-        tuner = tune.Tuner.restore(
-            paths.tune_experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+    with parent_killed_if_stopped_at_once(tracker):
+        # Before the teacher, whose recipe reads its corpora through Ray Data (which would start Ray its way).
+        start_or_join_ray(cfg.ray_dashboard, trials=True, ray_logs=cfg.ray_logs)
+        if not any(key.startswith("teacher.") for key in space.search):
+            ensure_teacher(cfg.teacher, cfg.data.cache_dir, log)  # once here, not in every concurrent trial
+        sweep = {
+            "name": space.name,
+            "trials": paths.trials,
+            "tracking_uri": paths.tracking_uri,
+            "parent_run_id": tracker.run_id,
+        }
+        if space.start_stage is not None:
+            base = _share_earlier_stages(space, base, paths, tracker.run_id, log)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, base=base, sweep=sweep), {"CPU": space.trial.driver_cpus}
         )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"search": {key: _to_tune(domain) for key, domain in space.search.items()}},
-            tune_config=tune.TuneConfig(
-                metric=space.metric,
-                mode=space.mode,
-                num_samples=space.num_samples,
-                scheduler=_scheduler(space, cfg),
-                max_concurrent_trials=concurrent_trials(
-                    space.max_concurrent_trials,
-                    [cfg, *_edge_trials(space, base)],
-                    space.trial.driver_cpus,
-                    f"max_concurrent_trials={space.max_concurrent_trials}",
-                    "lower trial.cpus_per_worker or trial.driver_cpus, or add nodes",
-                    log,
+        log(f"sweep {space.name}: {'resuming' if resume else 'starting'}; MLflow parent run {tracker.run_id}")
+        started = time.perf_counter()
+        if resume:
+            tuner = tune.Tuner.restore(
+                paths.tune_experiment, trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"search": {key: _to_tune(domain) for key, domain in space.search.items()}},
+                tune_config=tune.TuneConfig(
+                    metric=space.metric,
+                    mode=space.mode,
+                    num_samples=space.num_samples,
+                    scheduler=_scheduler(space, cfg),
+                    max_concurrent_trials=concurrent_trials(
+                        space.max_concurrent_trials,
+                        [cfg, *_edge_trials(space, base)],
+                        space.trial.driver_cpus,
+                        f"max_concurrent_trials={space.max_concurrent_trials}",
+                        "lower trial.cpus_per_worker or trial.driver_cpus, or add nodes",
+                        log,
+                    ),
                 ),
-            ),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=paths.root,
-                failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                verbose=0,
-                callbacks=[_trial_lines(space, base, TuneLog(log))],
-            ),
-        )
-    with silent_tune():
-        grid = tuner.fit()
-    rows = _rows(grid, space, base, paths)
-    finished = [row for row in rows if not math.isnan(row.metric)]
-    best = None
-    if finished:
-        pick = max if space.mode == "max" else min
-        best = pick(finished, key=lambda row: row.metric)
-    best_config = trial_config(base, best.sampled) if best else None
-    result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri)
-    _write_outputs(result, output, tracker, time.perf_counter() - started, log)
-    return result
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=paths.root,
+                    failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                    verbose=0,
+                    callbacks=[_trial_lines(space, base, TuneLog(log)), running_trials()],
+                ),
+            )
+        if resume:
+            tracker.reopen()
+        grid, stop = fit_tuner(tuner)
+        rows = _rows(grid, space, base, paths, stop)
+        finished = [row for row in rows if not math.isnan(row.metric)]
+        best = None
+        if finished:
+            pick = max if space.mode == "max" else min
+            best = pick(finished, key=lambda row: row.metric)
+        best_config = trial_config(base, best.sampled) if best else None
+        result = SweepResult(space, rows, best, best_config, tracker.run_id, paths.tracking_uri, stop)
+        _write_outputs(result, output, tracker, time.perf_counter() - started, log)
+        return result
+
+
+def fit_tuner(tuner: Tuner) -> tuple[ResultGrid, Interruption]:
+    """``tuner.fit()`` with Tune's console off and Ctrl-C or SIGTERM stopping it gracefully."""
+    from rayoodkd.console import silent_tune
+
+    with silent_tune(), stop_gracefully_on_signals() as stop:
+        return tuner.fit(), stop
 
 
 def _share_earlier_stages(
@@ -666,12 +700,15 @@ def _trial_id(result: Any) -> str:
     return match.group(1) if match else Path(result.path).name
 
 
-def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths) -> list[TrialRow]:
+def _rows(
+    grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths, stop: Interruption
+) -> list[TrialRow]:
     """One row per trial; the MLflow child runs of trials Tune ended are closed with their outcome."""
     from rayoodkd.engine.tracking import Tracker
     from rayoodkd.launch import RUN_FILE
 
     rows = []
+    cut_short_runs = []
     for result in sorted(grid, key=lambda r: r.path):
         metrics = result.metrics or {}
         sampled = dict(result.config["search"])
@@ -681,10 +718,14 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
         steps = int(metrics.get("step", 0))
         run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
         run_id = run_record.get("mlflow_run_id", "")
-        stopped = result.error is None and "test/top1" not in metrics  # only a run's last report has it
+        cut_short = trial_id in stop.cut_short
+        # Only a run's last report has test/top1.
+        stopped = result.error is None and "test/top1" not in metrics and not cut_short
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
-            if stopped:
+            if cut_short:
+                cut_short_runs.append((child, f"{stop.reason} at step {steps}"))
+            elif stopped:
                 child.set_tags({"asha.stopped_at_step": str(steps)})
                 child.terminate("KILLED")
             elif child.client.get_run(run_id).info.status == "RUNNING":
@@ -700,11 +741,12 @@ def _rows(grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths)
                 steps=steps,
                 max_steps=max_steps,
                 stopped_early=stopped,
-                status="ERROR" if result.error is not None else "TERMINATED",
+                status="ERROR" if result.error is not None else "INTERRUPTED" if cut_short else "TERMINATED",
                 checkpoint=str(metrics.get("checkpoint_path", "")),
                 mlflow_run_id=run_id,
             )
         )
+    close_cut_short(cut_short_runs)
     return rows
 
 
@@ -791,7 +833,10 @@ def _write_outputs(result: SweepResult, output: Path, tracker: Any, seconds: flo
         summary[f"best/{result.space.metric}"] = result.best.metric
         tracker.set_tags({"best_trial": result.best.trial_id, "best_checkpoint": result.best.checkpoint})
     tracker.log_metrics(summary, 0)
-    tracker.terminate("FINISHED" if result.best is not None else "FAILED")
+    if result.interruption.reason is not None:
+        tracker.end("KILLED", result.interruption.reason)
+    else:
+        tracker.terminate("FINISHED" if result.best is not None else "FAILED")
     log(result.table())
     best = f"; best config: {output / 'best.yaml'}" if result.best else ""
     log(f"results: {output / 'results.csv'}{best}")
@@ -853,6 +898,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunInterrupted as interrupted:  # stopped at once, after the sweep was recorded
+        print(f"{interrupted}; run the same command with --resume to continue the sweep", file=sys.stderr)
+        return interrupted.exit_code
+    except KeyboardInterrupt:  # before the sweep was recorded: nothing to resume
+        print(f"{CTRL_C} before the sweep started", file=sys.stderr)
+        return 130
+    if result.interruption.reason is not None:
+        return result.interruption.exit_code
     return 0 if result.best is not None else 1
 
 

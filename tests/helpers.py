@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,3 +87,34 @@ def step_metrics(method: Method, data: object) -> dict[str, float]:
         if isinstance(value, torch.Tensor):
             assert value.dim() == 0 and not value.requires_grad, f"{key}: {value!r}"
     return {key: float(value) for key, value in metrics.items()}
+
+
+def signal_once_ready(
+    argv: list[str], ready: Callable[[], bool], signum: int, timeout_s: float = 240
+) -> tuple[int, str, list[str]]:
+    """Run the command ``argv`` in its own process (its own Ray instance), send it ``signum`` once ``ready()``
+    holds, and return its exit code, its stderr and the command lines of the processes it had started by
+    then. The command and every process it started are killed if it does not end, so that nothing goes on
+    training after a failed test."""
+    import psutil
+
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    started: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
+                started.append(" ".join(child.cmdline()))
+        os.kill(process.pid, signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            driver = psutil.Process(process.pid)
+            for member in [*driver.children(recursive=True), driver]:
+                with contextlib.suppress(psutil.Error):
+                    member.kill()
+            process.communicate()
+    return process.returncode, err, started

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from helpers import signal_once_ready
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -130,20 +131,23 @@ def test_a_column_reads_a_metric_or_else_a_numeric_run_state_tag() -> None:
     assert figures == {"test/top1": 91.0, "teacher/test_top1": 97.5, "train_seconds": 1.5e6}
 
 
-@pytest.mark.ray
-def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
-    tmp_path: Path, tiny_teacher: Path, ray_local, capsys: pytest.CaptureFixture[str]
-) -> None:
-    overrides = [
-        f"teacher.checkpoint={tiny_teacher}",
+def _small_demo(tmp_path: Path, teacher: Path, *overrides: str) -> list[str]:
+    """The demo on a small corpus with ``teacher``, stored under ``tmp_path``, plus ``overrides``."""
+    return [
+        f"teacher.checkpoint={teacher}",
         f"storage_path={tmp_path / 'runs'}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.ood.num_images=800",
         "data.batch_size=32",
-        "num_workers=0",
-        "max_steps=4",
-        "eval.every=2",
+        *overrides,
     ]
+
+
+@pytest.mark.ray
+def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
+    tmp_path: Path, tiny_teacher: Path, ray_local, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = _small_demo(tmp_path, tiny_teacher, "num_workers=0", "max_steps=4", "eval.every=2")
     entries = [Entry.parse("demo"), Entry.parse("demo kd_ood.optim.student.lr=0.001")]
     result = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "out")
     assert [(r.label, r.seed, r.status) for r in result.results] == [
@@ -181,6 +185,31 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
     again = run_compare(entries, [0, 1], overrides, name="cmp", output=tmp_path / "again")
     assert again.parent_run_id == result.parent_run_id
     assert [r.metrics for r in again.results] == [r.metrics for r in result.results]
+
+
+@pytest.mark.ray
+def test_sigterm_during_a_comparison_closes_its_runs_killed_and_exits_143(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    import signal
+    import sys
+
+    # Ray Train's reports reach Tune (a run in the driver reports only at its end); long enough to cut short.
+    overrides = _small_demo(tmp_path, tiny_teacher, "num_workers=1", "max_steps=100000", "eval.every=10")
+    argv = [sys.executable, "-m", "rayoodkd.compare", "--configs", "demo", "--seeds", "0", "1"]
+    argv += ["--max-concurrent", "1", "--name", "cut", "--output", str(tmp_path / "out"), *overrides]
+    trials = tmp_path / "runs" / "cut" / "trials"
+    returncode, err, _ = signal_once_ready(
+        argv, lambda: bool(list(trials.glob("*/step_*/manifest.json"))), signal.SIGTERM
+    )  # as `ray job stop` or a scheduler stops it (Ctrl-C: the sweep's test)
+    assert returncode == 143, err[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2 and all(
+        run.info.status == "KILLED" for run in runs
+    )  # the parent, the cell cut short
+    assert {run.data.tags["rayoodkd.failure"] for run in runs} == {"terminated (SIGTERM)"}
+    assert (tmp_path / "out" / "compare.md").exists()
 
 
 def test_a_tune_callback_log_still_pickles_once_ray_has_patched_print(

@@ -20,7 +20,7 @@ from rayoodkd.deploy import STUDENT, STUDENT_BEST_VAL
 from rayoodkd.engine import loop
 from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.engine.tracking import EXPERIMENT_KIND, Tracker
+from rayoodkd.engine.tracking import EXPERIMENT_KIND, FAILURE_TAG, Tracker
 
 
 def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,3 +224,13 @@ def test_a_tracking_server_run_is_announced_with_its_page_in_the_model_training_
     assert served.page_url() == (
         f"http://mlflow.example:5000/#/experiments/{experiment}/runs/{local.run_id}?workflowType=machine_learning"
     )
+
+
+def test_a_reopened_run_is_running_again_and_keeps_why_it_ended_as_resumed_after(tmp_path: Path) -> None:
+    tracker = Tracker.create(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path), "e", "r", {})
+    tracker.set_tags({FAILURE_TAG: "terminated (SIGTERM)"})
+    tracker.terminate("KILLED")
+    assert tracker.reopen() == "KILLED"
+    assert tracker.status() == "RUNNING"
+    tags = tracker.tags()
+    assert FAILURE_TAG not in tags and tags["rayoodkd.resumed_after"] == "terminated (SIGTERM)"

@@ -8,6 +8,7 @@ logging a step twice; ``num_workers=0`` runs end to end; per-rank method state r
 from __future__ import annotations
 
 import re
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -17,13 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import signal_once_ready
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import resolve_config
 from rayoodkd.engine.checkpoint import MANIFEST_FILE, STATE_FILE, load_state, newest_intact
 from rayoodkd.engine.loop import run_worker
 from rayoodkd.engine.session import LocalSession
-from rayoodkd.launch import RunFailed, RunInterrupted, launch
+from rayoodkd.errors import RunInterrupted
+from rayoodkd.launch import RunFailed, launch
 from rayoodkd.models import build_classifier
 from rayoodkd.train import main
 
@@ -270,6 +273,9 @@ def test_a_run_interrupted_before_its_first_checkpoint_says_a_new_launch_starts_
     import rayoodkd.launch
 
     def interrupted(*args: object) -> None:
+        torn = tmp_path / "runs" / "cut" / "step_0000010"  # its first checkpoint, cut short while written
+        torn.mkdir(parents=True)
+        (torn / STATE_FILE).write_bytes(b"torn")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rayoodkd.launch, "_train_in_driver", interrupted)
@@ -353,6 +359,20 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
     assert failure_reason(SystemExit(0)) == "interrupted (Ctrl-C)"
 
 
+def test_a_sigterm_is_ascribed_only_to_the_run_it_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rayoodkd import raystart
+    from rayoodkd.launch import failure_reason
+
+    monkeypatch.setattr(raystart, "_sigterm_at", None)
+    first_run = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        raystart._terminate(signal.SIGTERM, None)
+    assert stop.value.code == 143
+    second_run = time.monotonic()  # a later run in the same process (the Python API, a notebook)
+    assert failure_reason(SystemExit(1), first_run) == "terminated (SIGTERM)"
+    assert failure_reason(KeyboardInterrupt(), second_run) == "interrupted (Ctrl-C)"
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize(
     ("stop", "exit_code", "reason"),
@@ -361,41 +381,19 @@ def test_the_failure_reason_names_the_worker_that_failed_first_hand() -> None:
 def test_a_command_starts_ray_without_dashboard_and_ctrl_c_or_sigterm_ends_its_run_killed_and_resumable(
     tmp_path: Path, tiny_teacher: Path, stop: str, exit_code: int, reason: str
 ) -> None:
-    import contextlib
-    import os
     import signal
-    import subprocess
     import sys
-
-    import psutil
 
     storage = tmp_path / "runs"
     argv = [sys.executable, "-m", "rayoodkd.train", *_overrides(tmp_path, tiny_teacher, "num_workers=1")]
     argv += ["run_name=ctrlc", "max_steps=100000", "eval.every=10"]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    started: list[str] = []
-    try:
-        deadline = time.monotonic() + 240
-        while not list((storage / "ctrlc").glob("step_*")) and time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            time.sleep(1)
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        for child in psutil.Process(process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # a short-lived helper process may end meanwhile
-                started.append(" ".join(child.cmdline()))
-        os.kill(process.pid, getattr(signal, stop))
-        _, err = process.communicate(timeout=120)
-    finally:  # never leave the run (and the Ray instance it started) training after a failure
-        if process.poll() is None:
-            driver = psutil.Process(process.pid)
-            for member in [*driver.children(recursive=True), driver]:
-                with contextlib.suppress(psutil.Error):
-                    member.kill()
-            process.communicate()
+    # An intact checkpoint (its manifest is written last), so that the run is resumable when stopped.
+    returncode, err, started = signal_once_ready(
+        argv, lambda: bool(list((storage / "ctrlc").glob("step_*/manifest.json"))), getattr(signal, stop)
+    )
     assert any("raylet" in command for command in started)  # the command started its own Ray instance ...
     assert not any("ray-dashboard-" in command for command in started)  # ... without the dashboard's modules
-    assert process.returncode == exit_code, err[-2000:]
+    assert returncode == exit_code, err[-2000:]
     ours = [
         line for line in err.splitlines() if not re.search(r"\(\w+ pid=\d+", line)
     ]  # not Ray actors' logs

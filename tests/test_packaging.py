@@ -18,7 +18,6 @@ from rayoodkd.tune import SPACE_DIR
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The module CLIs' own parsers name themselves (``usage: python -m rayoodkd.train ...``).
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import os
+import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import signal_once_ready
 from mlflow.tracking import MlflowClient
 
 from rayoodkd.config import ConfigError, resolve_config
+from rayoodkd.errors import RunInterrupted
+from rayoodkd.interruption import (
+    Interruption,
+    parent_killed_if_stopped_at_once,
+    running_trials,
+    stop_gracefully_on_signals,
+)
 from rayoodkd.tune import (
     SPACE_DIR,
     SweepResult,
@@ -152,6 +165,13 @@ def test_results_csv_and_best_yaml_round_trip(tmp_path: Path) -> None:
     header = results_csv(on_best_val).splitlines()[0].split(",")
     assert header.count("best_val/top1") == 1 and "val/top1" not in header
     assert on_best_val.table().splitlines()[0].split().count("best_val/top1") == 1
+    cut = Interruption("interrupted (Ctrl-C)", 130, {"a_00001": {}})
+    rows[1] = dataclasses.replace(rows[1], stopped_early=False, status="INTERRUPTED")
+    interrupted = SweepResult(space, rows, rows[0], result.best_config, "p", "sqlite://", cut).table()
+    assert "INTERRUPTED" in interrupted and "saved)" not in interrupted  # no ASHA saving claimed
+    assert interrupted.splitlines()[-1] == (
+        "interrupted (Ctrl-C): 1 trial cut short; run the same command with --resume to continue the sweep"
+    )
     best = tmp_path / "best.yaml"
     best.write_text(best_yaml(result))
     cfg = resolve_config(str(best))
@@ -182,6 +202,117 @@ def test_more_trials_at_once_than_a_fixed_cluster_fits_are_lowered_saying_why(
     monkeypatch.setattr("rayoodkd.preflight.autoscaler_present", lambda: True)
     assert concurrent_trials(3, [cfg], 0.5, "", "", lines.append) == 3  # an autoscaler adds nodes for them
     assert lines == []
+
+
+def _deliver(signum: int) -> None:
+    """Send ``signum`` to this process and give Python the bytecode boundary at which its handler runs."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.05)
+
+
+def test_ctrl_c_or_sigterm_during_a_fit_stops_it_the_way_tune_stops_and_is_remembered() -> None:
+    from ray.tune.tune import _setup_signal_catching  # what Tune's run loop installs when it starts
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    running = running_trials()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a command's (Python's own)
+    try:
+        with stop_gracefully_on_signals() as stop:
+            _setup_signal_catching()
+        assert stop.reason is None  # a fit that ran to its end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+
+        with stop_gracefully_on_signals() as stop:
+            tune_stopped = _setup_signal_catching()
+            running.on_trial_start(0, [], SimpleNamespace(trial_id="a_00000", config={"cell": 0}))
+            running.on_trial_start(0, [], SimpleNamespace(trial_id="a_00001", config={"cell": 1}))
+            running.on_trial_complete(0, [], SimpleNamespace(trial_id="a_00000", config={"cell": 0}))
+            _deliver(signal.SIGTERM)
+            assert tune_stopped.is_set()  # Tune's own graceful stop
+        assert (stop.reason, stop.exit_code) == ("terminated (SIGTERM)", 143)
+        assert stop.cut_short == {"a_00001": {"cell": 1}}  # the trial still running when fit returned
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+
+        with stop_gracefully_on_signals() as stop:
+            tune_stopped = _setup_signal_catching()
+            _deliver(signal.SIGINT)
+            assert tune_stopped.is_set()
+        assert (stop.reason, stop.exit_code) == ("interrupted (Ctrl-C)", 130)
+
+        for signum, code in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
+            with pytest.raises(RunInterrupted) as at_once, stop_gracefully_on_signals():
+                _deliver(signum)  # before Tune listens: nothing would stop the fit, so at once
+            assert at_once.value.exit_code == code and str(at_once.value).endswith(": stopped at once")
+            assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        for second, code in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
+            with pytest.raises(RunInterrupted) as again, stop_gracefully_on_signals():
+                _setup_signal_catching()
+                _deliver(signal.SIGINT)
+                _deliver(second)  # a second signal stops at once
+            assert again.value.exit_code == code
+
+        def not_plain(signum: int, frame: object) -> None:  # e.g. Ray Train's, holding its run's controller
+            raise AssertionError("not called")
+
+        signal.signal(signal.SIGINT, not_plain)
+        with stop_gracefully_on_signals() as stop:
+            _setup_signal_catching()
+        assert stop.reason is None and signal.getsignal(signal.SIGINT) is not not_plain  # not put back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        usr1 = signal.getsignal(signal.SIGUSR1)
+        with stop_gracefully_on_signals() as stop:
+            pass  # a fit whose loop ran elsewhere (Ray Client): Tune never listened here
+        assert stop.reason is None
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGUSR1) is usr1
+    finally:  # no handler of this test's fits stays installed in the suite's process
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rayoodkd import raystart
+
+    class Parent:
+        ended: tuple[str, str] | None = None
+
+        def end(self, status: str, reason: str) -> None:
+            self.ended = (status, reason)
+
+    parent = Parent()
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(parent):
+        raise KeyboardInterrupt  # e.g. while the teacher trains
+    assert (str(stop.value), stop.value.exit_code) == ("interrupted (Ctrl-C): stopped at once", 130)
+    assert parent.ended == ("KILLED", "interrupted (Ctrl-C)")
+    monkeypatch.setattr(raystart, "_sigterm_at", None)
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(parent):
+        raystart._terminate(signal.SIGTERM, None)  # the handler start_or_join_ray installs
+    assert stop.value.exit_code == 143 and parent.ended == ("KILLED", "terminated (SIGTERM)")
+
+
+@pytest.mark.ray
+def test_ctrl_c_during_a_sweep_ends_it_killed_with_the_trial_it_cut_short(tmp_path: Path) -> None:
+    import sys
+
+    runs = tmp_path / "runs"
+    overrides = [f"storage_path={runs}", f"data.cache_dir={tmp_path / 'cache'}", "teacher.recipe.epochs=2"]
+    argv = [sys.executable, "-m", "rayoodkd.tune", "--space", "smoke", *overrides, "max_steps=100000"]
+    returncode, err, _ = signal_once_ready(
+        argv, lambda: bool(list((runs / "smoke" / "trials").glob("*/step_*/manifest.json"))), signal.SIGINT
+    )
+    assert returncode == 130, err[-2000:]
+    [row] = list(csv.DictReader((runs / "smoke" / "results.csv").read_text().splitlines()))
+    assert row["status"] == "INTERRUPTED" and row["stopped_early"] == "False"  # not ASHA's doing
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    by_name = {
+        r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+    }
+    parent, child = by_name.pop("sweep-smoke"), by_name.popitem()[1]
+    assert parent.info.status == "KILLED" and parent.data.tags["rayoodkd.failure"] == "interrupted (Ctrl-C)"
+    assert child.info.status == "KILLED" and not by_name
+    assert child.data.tags["rayoodkd.failure"] == f"interrupted (Ctrl-C) at step {row['steps']}"
 
 
 @pytest.mark.ray

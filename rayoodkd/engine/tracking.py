@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND = "mlflow.experimentKind"
+FAILURE_TAG = "rayoodkd.failure"
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -146,6 +147,18 @@ class Tracker:
         """The run's MLflow status: RUNNING, FINISHED, FAILED or KILLED."""
         return self.client.get_run(self.run_id).info.status
 
+    def reopen(self) -> str:
+        """Mark the run RUNNING again (a relaunched run, a resumed sweep or comparison) and return the status
+        it had; why an earlier attempt ended moves from ``rayoodkd.failure`` to ``rayoodkd.resumed_after``,
+        so that a run that then finishes does not read as failed."""
+        run = self.client.get_run(self.run_id)
+        failure = run.data.tags.get(FAILURE_TAG)
+        if failure is not None:
+            self.set_tags({"rayoodkd.resumed_after": failure})
+            self.client.delete_tag(self.run_id, FAILURE_TAG)
+        self.client.update_run(self.run_id, status="RUNNING")
+        return run.info.status
+
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
@@ -170,6 +183,12 @@ class Tracker:
 
     def terminate(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def end(self, status: str, reason: str) -> None:
+        """Close a run that did not finish (``FAILED`` or ``KILLED``), with why as the ``rayoodkd.failure``
+        tag."""
+        self.set_tags({FAILURE_TAG: reason})
+        self.terminate(status)
 
 
 def _metric_key(key: str) -> str:
