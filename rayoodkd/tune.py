@@ -704,7 +704,7 @@ def _rows(
     grid: Any, space: SweepSpace, base: dict[str, Any], paths: SweepPaths, stop: Interruption
 ) -> list[TrialRow]:
     """One row per trial; the MLflow child runs of trials Tune ended are closed with their outcome."""
-    from rayoodkd.engine.tracking import Tracker
+    from rayoodkd.engine.tracking import THROUGHPUT_KEY, Tracker
     from rayoodkd.launch import RUN_FILE
 
     rows = []
@@ -724,6 +724,8 @@ def _rows(
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
             if cut_short:
+                # A run in the trial's driver reports to Tune only at its end; its MLflow run says how far.
+                steps = max(steps, child.last_logged_step(THROUGHPUT_KEY))
                 cut_short_runs.append((child, f"{stop.reason} at step {steps}"))
             elif stopped:
                 child.set_tags({"asha.stopped_at_step": str(steps)})

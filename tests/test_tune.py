@@ -305,6 +305,7 @@ def test_ctrl_c_during_a_sweep_ends_it_killed_with_the_trial_it_cut_short(tmp_pa
     assert returncode == 130, err[-2000:]
     [row] = list(csv.DictReader((runs / "smoke" / "results.csv").read_text().splitlines()))
     assert row["status"] == "INTERRUPTED" and row["stopped_early"] == "False"  # not ASHA's doing
+    assert int(row["steps"]) > 0  # it had checkpointed, though its run reports to Tune only at its end
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     by_name = {
         r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -39,7 +39,7 @@ from rayoodkd.engine.metrics import MetricAccumulator
 from rayoodkd.engine.session import RaySession, Session, scratch_dir
 from rayoodkd.engine.streams import DeviceStreams
 from rayoodkd.engine.teacher_inference import NOTHING_TO_FOLD, route_no_grad_forwards
-from rayoodkd.engine.tracking import Tracker, open_store_in_background
+from rayoodkd.engine.tracking import THROUGHPUT_KEY, Tracker, open_store_in_background
 from rayoodkd.methods import METHODS, Method, PlayerOptions, RunContext, Stage, unwrap
 from rayoodkd.models import build_classifier
 from rayoodkd.storage import read_json, write_json
@@ -48,7 +48,6 @@ from rayoodkd.teacher_io import TeacherInfo, load_teacher
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-THROUGHPUT_KEY = "throughput/images_per_second"
 NONFINITE_MARKER = "rayoodkd_nonfinite.json"
 FAULT_MARKER = "debug_fault_fired.json"
 BOOKKEEPING = frozenset({THROUGHPUT_KEY, "data/corrupt_skipped"})  # never under a stage's name

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 MAX_PARAM_LENGTH = 6000
 EXPERIMENT_KIND = "mlflow.experimentKind"
 FAILURE_TAG = "rayoodkd.failure"
+THROUGHPUT_KEY = "throughput/images_per_second"  # logged every log_every steps: how far a run got
 
 
 def default_tracking_uri(storage_path: str) -> str:
