@@ -38,8 +38,7 @@ from typing import Any
 
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, build_config, resolve_config
-from rayoodkd.errors import RunInterrupted
-from rayoodkd.interruption import CTRL_C, Interruption
+from rayoodkd.interruption import Interruption, stopped_line
 from rayoodkd.storage import ray_storage_path, read_json, write_json
 
 COMPARE_FILE = "compare.json"
@@ -531,12 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RunInterrupted as interrupted:  # stopped at once, after the comparison was recorded
-        print(f"{interrupted}; run the same command again to resume the unfinished runs", file=sys.stderr)
-        return interrupted.exit_code
-    except KeyboardInterrupt:  # before the comparison was recorded: nothing to resume
-        print(f"{CTRL_C} before the comparison started", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        line, exit_code = stopped_line(interrupted, "comparison", "run the same command again to resume it")
+        print(line, file=sys.stderr)
+        return exit_code
     return result.interruption.exit_code
 
 

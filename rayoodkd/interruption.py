@@ -115,6 +115,15 @@ def parent_killed_if_stopped_at_once(parent: Tracker) -> Iterator[None]:
         raise stopped from error
 
 
+def stopped_line(error: KeyboardInterrupt, command: str, resume: str) -> tuple[str, int]:
+    """The line a sweep's or comparison's CLI prints when Ctrl-C or SIGTERM stopped it at once, and its exit
+    code: after the ``command`` was recorded (a :class:`RunInterrupted`), with how to ``resume`` it; before,
+    that nothing was started."""
+    if isinstance(error, RunInterrupted):
+        return f"{error}; {resume}", error.exit_code
+    return f"{CTRL_C} before the {command} started", 128 + signal.SIGINT
+
+
 def _tune_not_listening(signum: int, frame: FrameType | None) -> None:
     """SIGUSR1's handler until Tune's run loop installs its own (which ends the run on SIGUSR1 as on SIGINT):
     SIGUSR1's default would kill the process."""

@@ -42,14 +42,13 @@ from rayoodkd.config import (
     set_dotted,
     to_yaml,
 )
-from rayoodkd.errors import RunInterrupted
 from rayoodkd.interruption import (
-    CTRL_C,
     Interruption,
     close_cut_short,
     parent_killed_if_stopped_at_once,
     running_trials,
     stop_gracefully_on_signals,
+    stopped_line,
 )
 from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json, write_json
 
@@ -900,12 +899,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, TeacherFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RunInterrupted as interrupted:  # stopped at once, after the sweep was recorded
-        print(f"{interrupted}; run the same command with --resume to continue the sweep", file=sys.stderr)
-        return interrupted.exit_code
-    except KeyboardInterrupt:  # before the sweep was recorded: nothing to resume
-        print(f"{CTRL_C} before the sweep started", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        hint = "run the same command with --resume to continue the sweep"
+        line, exit_code = stopped_line(interrupted, "sweep", hint)
+        print(line, file=sys.stderr)
+        return exit_code
     if result.interruption.reason is not None:
         return result.interruption.exit_code
     return 0 if result.best is not None else 1

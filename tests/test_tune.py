@@ -22,6 +22,7 @@ from rayoodkd.interruption import (
     parent_killed_if_stopped_at_once,
     running_trials,
     stop_gracefully_on_signals,
+    stopped_line,
 )
 from rayoodkd.tune import (
     SPACE_DIR,
@@ -290,6 +291,14 @@ def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
     with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(parent):
         raystart._terminate(signal.SIGTERM, None)  # the handler start_or_join_ray installs
     assert stop.value.exit_code == 143 and parent.ended == ("KILLED", "terminated (SIGTERM)")
+    assert stopped_line(stop.value, "sweep", "resume it") == (
+        "terminated (SIGTERM): stopped at once; resume it",
+        143,
+    )
+    assert stopped_line(KeyboardInterrupt(), "sweep", "resume it") == (
+        "interrupted (Ctrl-C) before the sweep started",
+        130,
+    )  # before the sweep was recorded: nothing to resume
 
 
 @pytest.mark.ray
