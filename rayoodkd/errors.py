@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+CTRL_C = "interrupted (Ctrl-C)"
+SIGTERM = "terminated (SIGTERM)"
+EXIT_CODE = {CTRL_C: 130, SIGTERM: 143}  # 128 + the signal's number, as a shell reports it
+
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run, sweep or comparison: the message says whether and how it resumes;

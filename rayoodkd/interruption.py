@@ -26,16 +26,13 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from rayoodkd.errors import RunInterrupted
+from rayoodkd.errors import CTRL_C, EXIT_CODE, SIGTERM, RunInterrupted
 from rayoodkd.raystart import sigterm_received
 
 if TYPE_CHECKING:
     from ray.tune import Callback
 
     from rayoodkd.engine.tracking import Tracker
-
-CTRL_C = "interrupted (Ctrl-C)"
-SIGTERM = "terminated (SIGTERM)"
 
 
 @dataclass
@@ -102,12 +99,10 @@ def parent_killed_if_stopped_at_once(parent: Tracker) -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit) as error:
         if isinstance(error, RunInterrupted):
             stopped = error
-            reason = SIGTERM if error.exit_code == 128 + signal.SIGTERM else CTRL_C
+            reason = SIGTERM if error.exit_code == EXIT_CODE[SIGTERM] else CTRL_C
         else:  # SIGTERM exits through start_or_join_ray's handler; Ray Train's SIGINT handler exits too
             reason = SIGTERM if sigterm_received(began) else CTRL_C
-            stopped = RunInterrupted(
-                f"{reason}: stopped at once", 128 + (signal.SIGTERM if reason == SIGTERM else signal.SIGINT)
-            )
+            stopped = RunInterrupted(f"{reason}: stopped at once", EXIT_CODE[reason])
         with contextlib.suppress(Exception):  # the interruption is what the user must see
             parent.end("KILLED", reason)
         if stopped is error:
@@ -121,7 +116,7 @@ def stopped_line(error: KeyboardInterrupt, command: str, resume: str) -> tuple[s
     that nothing was started."""
     if isinstance(error, RunInterrupted):
         return f"{error}; {resume}", error.exit_code
-    return f"{CTRL_C} before the {command} started", 128 + signal.SIGINT
+    return f"{CTRL_C} before the {command} started", EXIT_CODE[CTRL_C]
 
 
 def _tune_not_listening(signum: int, frame: FrameType | None) -> None:
@@ -156,8 +151,8 @@ def stop_gracefully_on_signals() -> Iterator[Interruption]:
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         if stop.reason is not None or not tune_listens() or tune_stopped():
-            raise RunInterrupted(f"{SIGTERM}: stopped at once", 128 + signum)
-        stop.reason, stop.exit_code = SIGTERM, 128 + signum
+            raise RunInterrupted(f"{SIGTERM}: stopped at once", EXIT_CODE[SIGTERM])
+        stop.reason, stop.exit_code = SIGTERM, EXIT_CODE[SIGTERM]
         os.kill(os.getpid(), signal.SIGUSR1)
 
     signal.signal(signal.SIGUSR1, _tune_not_listening)
@@ -166,11 +161,9 @@ def stop_gracefully_on_signals() -> Iterator[Interruption]:
         yield stop
     except RunInterrupted:
         raise
-    except (
-        KeyboardInterrupt,
-        SystemExit,
-    ) as error:  # Python's SIGINT handler, or a Ray Train one Tune put back
-        raise RunInterrupted(f"{CTRL_C}: stopped at once", 128 + signal.SIGINT) from error
+    # Python's SIGINT handler raises KeyboardInterrupt; a Ray Train one that Tune put back exits.
+    except (KeyboardInterrupt, SystemExit) as error:
+        raise RunInterrupted(f"{CTRL_C}: stopped at once", EXIT_CODE[CTRL_C]) from error
     finally:
         stopped = tune_stopped()
         # Without a stop Tune's SIGINT handler stays after the fit: a plain one before it (Python's, which a
@@ -181,6 +174,6 @@ def stop_gracefully_on_signals() -> Iterator[Interruption]:
         if not tune_listens():  # else Tune's stays, as after any fit
             signal.signal(signal.SIGUSR1, sigusr1_before)
     if stopped and stop.reason is None:
-        stop.reason, stop.exit_code = CTRL_C, 128 + signal.SIGINT
+        stop.reason, stop.exit_code = CTRL_C, EXIT_CODE[CTRL_C]
     if stop.reason is not None:
         stop.cut_short = dict(_running)

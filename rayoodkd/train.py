@@ -12,6 +12,7 @@ import sys
 from rayoodkd.catalog import METHOD_NAMES, TOP_LEVEL_KEYS
 from rayoodkd.cli import prog
 from rayoodkd.config import ConfigError, preset_names, resolve_config, to_yaml
+from rayoodkd.errors import CTRL_C, EXIT_CODE, RunInterrupted
 
 EPILOG = """\
 top-level keys: {keys}
@@ -56,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rayoodkd.errors import RunInterrupted
         from rayoodkd.launch import RunFailed, launch
 
         try:
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the run started
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        print(CTRL_C, file=sys.stderr)
+        return EXIT_CODE[CTRL_C]
     print(summary.table())
     return 0
 
