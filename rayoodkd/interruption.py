@@ -91,8 +91,8 @@ def close_cut_short(runs: list[tuple[Tracker, str]], wait_s: float = 10.0) -> No
 def parent_killed_if_stopped_at_once(parent: Tracker) -> Iterator[None]:
     """Around a sweep's or comparison's work once its parent MLflow run exists: Ctrl-C or SIGTERM that stops
     the command at once (outside Tune's fit, before Tune listens, a second signal) closes the parent
-    ``KILLED`` with the reason, and is raised as :class:`RunInterrupted`, so that nothing is left
-    ``RUNNING``."""
+    ``KILLED`` with the reason, and is raised as :class:`RunInterrupted`. (The runs of trials stopped at once
+    with it close themselves if their actors get to; a resumed sweep reopens them.)"""
     began = time.monotonic()
     try:
         yield

@@ -718,8 +718,13 @@ def _rows(
         run_record = read_json(f"{paths.trials}/{space.name}-{trial_id}/{RUN_FILE}") or {}
         run_id = run_record.get("mlflow_run_id", "")
         cut_short = trial_id in stop.cut_short
+        # A trial an interruption kept from starting: its run is for the resumed sweep.
+        pending = stop.reason is not None and not cut_short and result.error is None and "step" not in metrics
         # Only a run's last report has test/top1.
-        stopped = result.error is None and "test/top1" not in metrics and not cut_short
+        stopped = result.error is None and "test/top1" not in metrics and not cut_short and not pending
+        status = "ERROR" if result.error is not None else "TERMINATED"
+        if cut_short or pending:
+            status = "INTERRUPTED" if cut_short else "PENDING"
         if run_id:
             child = Tracker(paths.tracking_uri, run_id)
             if cut_short:
@@ -742,7 +747,7 @@ def _rows(
                 steps=steps,
                 max_steps=max_steps,
                 stopped_early=stopped,
-                status="ERROR" if result.error is not None else "INTERRUPTED" if cut_short else "TERMINATED",
+                status=status,
                 checkpoint=str(metrics.get("checkpoint_path", "")),
                 mlflow_run_id=run_id,
             )

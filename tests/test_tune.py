@@ -26,8 +26,10 @@ from rayoodkd.interruption import (
 )
 from rayoodkd.tune import (
     SPACE_DIR,
+    SweepPaths,
     SweepResult,
     TrialRow,
+    _rows,
     _trial_id,
     best_yaml,
     concurrent_trials,
@@ -299,6 +301,28 @@ def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
         "interrupted (Ctrl-C) before the sweep started",
         130,
     )  # before the sweep was recorded: nothing to resume
+
+
+def test_an_interrupted_sweep_lists_the_trials_it_kept_from_starting_as_pending(tmp_path: Path) -> None:
+    space, base = load_space("smoke")
+
+    def result(trial_id: str, metrics: dict) -> SimpleNamespace:
+        config = {"search": {"kd_ood.optim.student.lr": 0.05}}
+        return SimpleNamespace(
+            metrics={"trial_id": trial_id, **metrics}, config=config, path=trial_id, error=None
+        )
+
+    grid = [
+        result("a_00000", {"step": 20, "val/top1": 50.0}),
+        result("a_00001", {}),
+    ]  # stopped by ASHA; never ran
+    paths = SweepPaths(str(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cut = Interruption("interrupted (Ctrl-C)", 130, {})
+    [asha, never_ran] = _rows(grid, space, base, paths, cut)
+    assert (asha.status, asha.stopped_early) == ("TERMINATED", True)
+    assert (never_ran.status, never_ran.stopped_early, never_ran.steps) == ("PENDING", False, 0)
+    [finished_sweep_row] = _rows(grid[1:], space, base, paths, Interruption())
+    assert finished_sweep_row.status == "TERMINATED"  # without an interruption no trial is pending
 
 
 @pytest.mark.ray
