@@ -325,9 +325,11 @@ def run_compare(
     root = f"{ray_storage_path(first.storage_path).rstrip('/')}/{name}"
     trials = f"{root}/trials"
     record = read_json(f"{root}/{COMPARE_FILE}")
-    if record is not None:
-        tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
-    else:
+
+    def parent_run() -> Tracker:
+        """The comparison's parent MLflow run: the recorded one (resumed), else a new one, recorded."""
+        if record is not None:
+            return Tracker(record["tracking_uri"], record["parent_run_id"])
         tracking_uri = first.tracking_uri or default_tracking_uri(first.storage_path)
         tracker = Tracker.create(
             tracking_uri,
@@ -351,7 +353,9 @@ def run_compare(
                 "cells": [c.run_name for c in cells],
             },
         )
-    with parent_killed_if_stopped_at_once(tracker):
+        return tracker
+
+    with parent_killed_if_stopped_at_once(parent_run) as tracker:
         teachers = {}
         for cell in cells:
             cfg = build_config(cell.config)

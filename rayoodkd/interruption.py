@@ -20,14 +20,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rayoodkd.errors import CTRL_C, EXIT_CODE, SIGTERM, RunInterrupted
-from rayoodkd.raystart import sigterm_received
+from rayoodkd.raystart import exit_on_sigterm, interruption_reason
 
 if TYPE_CHECKING:
     from ray.tune import Callback
@@ -87,21 +87,60 @@ def close_cut_short(runs: list[tuple[Tracker, str]], wait_s: float = 10.0) -> No
             run.end("KILLED", reason)
 
 
+class _HeldSignals:
+    """From its creation, in the main thread, Ctrl-C and SIGTERM are held back until :meth:`deliver`; a second
+    one is delivered at once (the way to stop an opening that hangs)."""
+
+    def __init__(self) -> None:
+        self._held: int | None = None
+        self._sigint_before: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigint_before = signal.signal(signal.SIGINT, self._hold)
+            signal.signal(signal.SIGTERM, self._hold)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        forced = self._held is not None
+        self._held = signum
+        if forced:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Put SIGINT's handler back, make SIGTERM exit as a command's does once Ray starts, and raise the
+        signal held, if any (its handler runs in this thread before its next few bytecodes)."""
+        if self._sigint_before is None:
+            return
+        signal.signal(signal.SIGINT, self._sigint_before)
+        exit_on_sigterm()
+        self._sigint_before = None
+        if self._held is not None:
+            signal.raise_signal(self._held)
+
+
 @contextmanager
-def parent_killed_if_stopped_at_once(parent: Tracker) -> Iterator[None]:
-    """Around a sweep's or comparison's work once its parent MLflow run exists: Ctrl-C or SIGTERM that stops
-    the command at once (outside Tune's fit, before Tune listens, a second signal) closes the parent
-    ``KILLED`` with the reason, and is raised as :class:`RunInterrupted`. (The runs of trials stopped at once
-    with it close themselves if their actors get to; a resumed sweep reopens them.)"""
+def parent_killed_if_stopped_at_once(open_parent: Callable[[], Tracker]) -> Iterator[Tracker]:
+    """Open a sweep's or comparison's parent MLflow run (``open_parent``: create it, or take the one to
+    resume, and record it) and guard the work after it: Ctrl-C or SIGTERM that stops the command at once
+    (outside Tune's fit, before Tune listens, a second signal) closes the parent ``KILLED`` with the reason,
+    and is raised as :class:`RunInterrupted`. A signal while the parent is being opened waits until it is
+    open, so that no parent is left ``RUNNING``. (The runs of trials stopped at once with it close themselves
+    if their actors get to; a resumed sweep reopens them.)"""
     began = time.monotonic()
+    held = _HeldSignals()
     try:
-        yield
+        parent = open_parent()
+    except BaseException:
+        held.deliver()
+        raise
+    try:
+        held.deliver()
+        yield parent
     except (KeyboardInterrupt, SystemExit) as error:
         if isinstance(error, RunInterrupted):
             stopped = error
             reason = SIGTERM if error.exit_code == EXIT_CODE[SIGTERM] else CTRL_C
-        else:  # SIGTERM exits through start_or_join_ray's handler; Ray Train's SIGINT handler exits too
-            reason = SIGTERM if sigterm_received(began) else CTRL_C
+        else:  # SIGTERM exits through exit_on_sigterm's handler (ray.init's while it runs); Ray Train's
+            # SIGINT handler exits too
+            reason = interruption_reason(began, error)
             stopped = RunInterrupted(f"{reason}: stopped at once", EXIT_CODE[reason])
         with contextlib.suppress(Exception):  # the interruption is what the user must see
             parent.end("KILLED", reason)

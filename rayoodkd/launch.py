@@ -24,10 +24,10 @@ from rayoodkd.config import BaseRunConfig, ConfigError, flatten
 from rayoodkd.console import Phases, quiet_python_loggers, quiet_ray_data
 from rayoodkd.engine.checkpoint import STATE_FILE, newest_intact
 from rayoodkd.engine.tracking import Tracker
-from rayoodkd.errors import CTRL_C, EXIT_CODE, SIGTERM, RunInterrupted, one_line
+from rayoodkd.errors import EXIT_CODE, RunInterrupted, one_line
 from rayoodkd.methods import METHODS
 from rayoodkd.preflight import check_cluster_fits, corpora, preflight
-from rayoodkd.raystart import sigterm_received, start_or_join_ray
+from rayoodkd.raystart import interruption_reason, start_or_join_ray
 from rayoodkd.storage import filesystem, ray_storage_path, read_json, write_json
 from rayoodkd.teacher_io import TeacherInfo, read_teacher
 
@@ -196,7 +196,7 @@ def failure_reason(error: BaseException, run_started: float = 0.0) -> str:
     actor or its own exception rather than a peer's broken collective), lowest rank first; for an
     interruption, SIGTERM if one arrived after ``run_started`` (``time.monotonic()``), else Ctrl-C."""
     if _interrupted(error):
-        return SIGTERM if sigterm_received(run_started) else CTRL_C
+        return interruption_reason(run_started)
     failures = getattr(error, "worker_failures", None)
     if failures:
         causes = {rank: getattr(cause, "cause", None) or cause for rank, cause in failures.items()}
@@ -363,7 +363,7 @@ def launch(
                 f"{reason}: run {run_name} keeps its checkpoints in {run_dir}; launch it again to resume"
                 if resumable
                 else f"{reason} before its first checkpoint: a new launch of run {run_name} starts afresh",
-                EXIT_CODE[SIGTERM if sigterm_received(started) else CTRL_C],
+                EXIT_CODE[reason],
             ) from error
         if resumable:
             log(

@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 from rayoodkd.console import quiet_python_loggers, quiet_ray_data, show_only_marked_worker_lines
+from rayoodkd.errors import CTRL_C, SIGTERM
 
 
 def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -> None:
@@ -40,11 +41,7 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
     ray.init(configure_logging=False, log_to_driver=True, include_dashboard=include_dashboard)
     if watcher_ours and not getattr(ray._private.worker._global_node, "head", False):
         del os.environ[watcher]  # joined a cluster: it keeps its own setting
-    if threading.current_thread() is threading.main_thread():
-        # In place of ray.init's handler (an exit with code 15, after the failure handler of Ray's core worker
-        # has printed a stack dump for the signal): the same exit, quietly, and remembered, since a SystemExit
-        # raised while the driver waits in ray.get reaches the run as Ray's SystemExit(1).
-        signal.signal(signal.SIGTERM, _terminate)
+    exit_on_sigterm()  # in place of ray.init's handler
     if not ray_logs:
         quiet_python_loggers()  # again: starting Ray configures its loggers
         show_only_marked_worker_lines()
@@ -53,6 +50,15 @@ def start_or_join_ray(dashboard: bool | None, *, trials: bool, ray_logs: bool) -
 # When SIGTERM last arrived (time.monotonic()): a long-lived process (the Python API, a notebook) ascribes it
 # only to the run it ended, not to every run after it.
 _sigterm_at: float | None = None
+
+
+def exit_on_sigterm() -> None:
+    """In the main thread, make SIGTERM exit with code 143, quietly, and remembered
+    (:func:`sigterm_received`). ray.init's handler exits with code 15 after the failure handler of Ray's core
+    worker has printed a stack dump for the signal, and a SystemExit raised while the driver waits in ray.get
+    reaches a run as Ray's SystemExit(1), so only the record tells a SIGTERM apart."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -65,6 +71,13 @@ def sigterm_received(since: float = 0.0) -> bool:
     """Whether this process was sent SIGTERM (``ray job stop``, a scheduler, ``kill``) at or after ``since``
     (a ``time.monotonic()`` reading; by default: since it joined Ray)."""
     return _sigterm_at is not None and _sigterm_at >= since
+
+
+def interruption_reason(since: float = 0.0, error: BaseException | None = None) -> str:
+    """Why this process was interrupted: SIGTERM if one arrived at or after ``since``, or if ``error`` is the
+    exit of the handler ray.init installs while it starts (``SystemExit(15)``); else Ctrl-C."""
+    ray_init_exit = isinstance(error, SystemExit) and error.code == signal.SIGTERM
+    return SIGTERM if sigterm_received(since) or ray_init_exit else CTRL_C
 
 
 def start_ray_for_reads(ray_logs: bool = False, *, progress_bars: bool = False) -> None:

@@ -55,6 +55,8 @@ from rayoodkd.storage import is_remote, local_path, ray_storage_path, read_json,
 if TYPE_CHECKING:
     from ray.tune import ResultGrid, Tuner
 
+    from rayoodkd.engine.tracking import Tracker
+
 # The spaces shipped with the package (package data); ``--space NAME`` also looks in ./tune_spaces first.
 SPACE_DIR = Path(__file__).resolve().parent / "tune_spaces"
 SWEEP_FILE = "sweep.json"
@@ -525,6 +527,40 @@ def _scheduler(space: SweepSpace, cfg: BaseRunConfig) -> Any:
     )
 
 
+def _parent_run(
+    space: SweepSpace, base: dict[str, Any], cfg: BaseRunConfig, paths: SweepPaths, record: dict | None
+) -> Tracker:
+    """The sweep's parent MLflow run: the one its ``record`` names (a resumed sweep), else a new one, with the
+    space and base config as params, recorded in the sweep's file."""
+    from rayoodkd.engine.tracking import Tracker
+
+    if record is not None:
+        return Tracker(record["tracking_uri"], record["parent_run_id"])
+    tracker = Tracker.create(
+        paths.tracking_uri,
+        cfg.storage_path,
+        cfg.experiment_name,
+        f"sweep-{space.name}",
+        {"sweep": space.name, "rayoodkd.kind": "sweep"},
+    )
+    tracker.log_params(
+        {
+            **{f"space.{k}": v for k, v in flatten(space.model_dump(mode="json")).items()},
+            **{f"base.{k}": v for k, v in flatten(base).items()},
+        }
+    )
+    write_json(
+        f"{paths.root}/{SWEEP_FILE}",
+        {
+            "space": space.model_dump(mode="json"),
+            "base": base,
+            "parent_run_id": tracker.run_id,
+            "tracking_uri": paths.tracking_uri,
+        },
+    )
+    return tracker
+
+
 def run_sweep(
     space: SweepSpace,
     base: dict[str, Any],
@@ -537,7 +573,6 @@ def run_sweep(
     from ray import tune
 
     from rayoodkd.console import TuneLog, quiet_python_loggers
-    from rayoodkd.engine.tracking import Tracker
     from rayoodkd.preflight import check_output_dir
     from rayoodkd.raystart import start_or_join_ray
     from rayoodkd.teacher import ensure_teacher
@@ -559,32 +594,8 @@ def run_sweep(
     if resume:
         space, base = SweepSpace.model_validate(record["space"]), record["base"]
         cfg = build_config(base)
-        tracker = Tracker(record["tracking_uri"], record["parent_run_id"])
         paths = SweepPaths(paths.root, record["tracking_uri"])
-    else:
-        tracker = Tracker.create(
-            paths.tracking_uri,
-            cfg.storage_path,
-            cfg.experiment_name,
-            f"sweep-{space.name}",
-            {"sweep": space.name, "rayoodkd.kind": "sweep"},
-        )
-        tracker.log_params(
-            {
-                **{f"space.{k}": v for k, v in flatten(space.model_dump(mode="json")).items()},
-                **{f"base.{k}": v for k, v in flatten(base).items()},
-            }
-        )
-        write_json(
-            f"{paths.root}/{SWEEP_FILE}",
-            {
-                "space": space.model_dump(mode="json"),
-                "base": base,
-                "parent_run_id": tracker.run_id,
-                "tracking_uri": paths.tracking_uri,
-            },
-        )
-    with parent_killed_if_stopped_at_once(tracker):
+    with parent_killed_if_stopped_at_once(lambda: _parent_run(space, base, cfg, paths, record)) as tracker:
         # Before the teacher, whose recipe reads its corpora through Ray Data (which would start Ray its way).
         start_or_join_ray(cfg.ray_dashboard, trials=True, ray_logs=cfg.ray_logs)
         if not any(key.startswith("teacher.") for key in space.search):

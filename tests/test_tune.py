@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -273,24 +274,25 @@ def test_ctrl_c_or_sigterm_during_a_fit_stops_it_the_way_tune_stops_and_is_remem
             signal.signal(signum, handler)
 
 
+class _Parent:
+    ended: tuple[str, str] | None = None
+
+    def end(self, status: str, reason: str) -> None:
+        self.ended = (status, reason)
+
+
 def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from rayoodkd import raystart
 
-    class Parent:
-        ended: tuple[str, str] | None = None
-
-        def end(self, status: str, reason: str) -> None:
-            self.ended = (status, reason)
-
-    parent = Parent()
-    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(parent):
+    parent = _Parent()
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(lambda: parent):
         raise KeyboardInterrupt  # e.g. while the teacher trains
     assert (str(stop.value), stop.value.exit_code) == ("interrupted (Ctrl-C): stopped at once", 130)
     assert parent.ended == ("KILLED", "interrupted (Ctrl-C)")
     monkeypatch.setattr(raystart, "_sigterm_at", None)
-    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(parent):
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(lambda: parent):
         raystart._terminate(signal.SIGTERM, None)  # the handler start_or_join_ray installs
     assert stop.value.exit_code == 143 and parent.ended == ("KILLED", "terminated (SIGTERM)")
     assert stopped_line(stop.value, "sweep", "resume it") == (
@@ -301,6 +303,70 @@ def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
         "interrupted (Ctrl-C) before the sweep started",
         130,
     )  # before the sweep was recorded: nothing to resume
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """SIGINT's and SIGTERM's handlers as they were before the test."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize(
+    ("signum", "reason", "code"),
+    [(signal.SIGINT, "interrupted (Ctrl-C)", 130), (signal.SIGTERM, "terminated (SIGTERM)", 143)],
+)
+def test_a_signal_while_the_parent_run_opens_waits_for_it_and_closes_it_killed(
+    signal_handlers: None, monkeypatch: pytest.MonkeyPatch, signum: int, reason: str, code: int
+) -> None:
+    from rayoodkd import raystart
+
+    monkeypatch.setattr(raystart, "_sigterm_at", None)
+    parent = _Parent()
+    opened = []
+
+    def open_parent() -> _Parent:
+        os.kill(os.getpid(), signum)  # e.g. while MLflow creates the run
+        time.sleep(0.05)
+        opened.append(True)
+        return parent
+
+    body_ran = []
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(open_parent):
+        body_ran.append(True)
+    assert opened == [True] and body_ran == []
+    assert stop.value.exit_code == code and parent.ended == ("KILLED", reason)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_signal_while_the_parent_run_opens_stops_at_once(signal_handlers: None) -> None:
+    opened = []
+
+    def open_parent() -> _Parent:  # a tracking server that does not answer
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        opened.append(True)
+        return _Parent()
+
+    with pytest.raises(KeyboardInterrupt), parent_killed_if_stopped_at_once(open_parent):
+        pass
+    assert opened == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ray_inits_sigterm_exit_reads_as_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rayoodkd import raystart
+
+    monkeypatch.setattr(raystart, "_sigterm_at", None)
+    parent = _Parent()
+    with pytest.raises(RunInterrupted) as stop, parent_killed_if_stopped_at_once(lambda: parent):
+        raise SystemExit(signal.SIGTERM)  # ray.init's handler, while it starts
+    assert stop.value.exit_code == 143 and parent.ended == ("KILLED", "terminated (SIGTERM)")
 
 
 def test_an_interrupted_sweep_lists_the_trials_it_kept_from_starting_as_pending(tmp_path: Path) -> None:
