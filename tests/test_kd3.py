@@ -125,6 +125,22 @@ def test_once_the_teacher_has_no_vote_the_student_alone_selects() -> None:
     assert metrics["select/alpha"] == 1.0 and metrics["select/precision"] == 1.0
 
 
+def test_the_mixed_view_passes_the_backbone_but_not_the_projector() -> None:
+    """Spec §5.3: the projector and the teacher's head run on the clean images only, so the projector's
+    batch-norm statistics (which the deployed student keeps) never see a MixDistribution view."""
+    method, streams, _, _ = _quadrant_kd3()
+    method.begin_epoch(streams, epoch=0)
+
+    def batches_seen(module: torch.nn.Module) -> list[int]:
+        return [int(m.num_batches_tracked) for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    projector, backbone = batches_seen(method.student.projector), batches_seen(method.student.backbone)
+    assert projector and backbone
+    method.train_step(streams)
+    assert batches_seen(method.student.projector) == [n + 1 for n in projector]
+    assert batches_seen(method.student.backbone) == [n + 2 for n in backbone]  # the clean and the mixed view
+
+
 def test_beta_draws_have_the_moments_of_beta_0_1() -> None:
     draws = sample_beta(0.1, 40_000, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert draws.min() >= 0 and draws.max() <= 1

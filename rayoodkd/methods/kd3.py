@@ -253,7 +253,7 @@ class KD3(Method):
         with torch.no_grad(), self.ctx.autocast():
             teacher_mixed = self.teacher.pool_features(self.teacher.forward_feature_map(mixed)).float()
         with self.ctx.autocast():
-            _, student_mixed, _ = self.student(mixed, features=True)
+            student_mixed = self.student(mixed, pooled_only=True)
             student_term = nt_xent(
                 self.embed_student(student_features),
                 self.embed_student(student_mixed.float()),

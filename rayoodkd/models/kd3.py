@@ -98,9 +98,15 @@ class SharedClassifierStudent(nn.Module):
         self.head = head
         self.map_size = map_size
 
-    def forward(self, x: Tensor, features: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        """Logits; with ``features``, also the student's pooled features and the projected feature map."""
+    def forward(
+        self, x: Tensor, features: bool = False, pooled_only: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Logits; with ``features``, also the student's pooled features and the projected feature map; with
+        ``pooled_only``, only the pooled features, from the backbone alone (the MixDistribution view: in the
+        official training loop the projector, and so its batch-norm statistics, sees clean images only)."""
         student_map = self.backbone.forward_feature_map(x)
+        if pooled_only:
+            return self.backbone.pool_features(student_map)
         aligned = student_map
         if student_map.shape[-1] > self.map_size:  # the larger map is pooled to the smaller (§5.2)
             aligned = F.adaptive_avg_pool2d(student_map, self.map_size)
