@@ -4,7 +4,7 @@ stage 3 start every trial from one shared run of stages 1-2."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from rayoodkd.config import ConfigError, resolve_config
 from rayoodkd.engine.checkpoint import load_state
-from rayoodkd.engine.loop import InjectedFailure, run_worker
+from rayoodkd.engine.loop import InjectedFailure, Worker, run_worker
 from rayoodkd.engine.session import LocalSession
 from rayoodkd.launch import launch
 from rayoodkd.methods.augkd import AugKD, AugKDConfig, mask_constraint, mixup_weight
@@ -183,6 +183,41 @@ def test_stage_three_normalises_the_real_half_unless_the_official_mismatch_is_as
         torch.testing.assert_close(seen[official][:16], batch.unit if official else batch.image)
 
 
+def test_stage_three_warms_up_for_its_first_five_steps_not_epochs() -> None:
+    """The official ConstantLR (factor 1/3, 5 iterations) is stepped per batch."""
+    method = _method()
+    method.ctx.stage, method.ctx.stage_epoch = "mixup", 0
+    lrs = []
+    for step in range(1, 8):
+        method.ctx.stage_step = step
+        lrs.append(step_metrics(method, _OneBatch())["lr/student"])
+    lr = method.cfg.optim.mixup.lr
+    assert lrs == pytest.approx([lr / 3] * 5 + [lr] * 2)
+
+
+class _ValSplit:
+    """An evaluation split of one normalised batch."""
+
+    def __init__(self, batch: _OneBatch) -> None:
+        self.batch = batch
+
+    def mean(self, per_sample: Callable[[Tensor, Tensor], Tensor]) -> float:
+        return float(per_sample(self.batch.image, self.batch.labels).mean())
+
+
+def test_stage_two_selects_on_what_its_encoder_trained_on_unless_the_official_mismatch_is_asked_for() -> None:
+    for official in (False, True):
+        method = _method(official_normalization=official)
+        method.ctx.stage = "anchor"
+        seen: list[Tensor] = []
+        method.encoder.register_forward_pre_hook(lambda _module, inputs, seen=seen: seen.append(inputs[0]))
+        batch = _OneBatch()
+        step_metrics(method, batch)  # training: images in [0, 1]
+        method.validate(_ValSplit(batch))  # type: ignore[arg-type]
+        torch.testing.assert_close(seen[0], batch.unit)
+        torch.testing.assert_close(seen[1], batch.image if official else batch.unit)
+
+
 def _run(run_dir: Path, teacher: Path, *extra: str, resume: bool = False) -> LocalSession:
     return run_in_process(run_dir, teacher, [*TINY, *extra], labelled=64, evaluated=32, resume=resume)
 
@@ -218,6 +253,24 @@ def test_three_stages_select_on_their_own_metrics_and_a_kill_in_stage_two_resume
         load_state(killed / "step_0000024")["players"],
     )
     assert resumed.reports[-1]["test/top1"] == straight.reports[-1]["test/top1"]
+
+
+def test_stage_three_breaks_ties_on_top1_by_acc3_then_acc5(
+    tmp_path: Path, bn_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official selection: Acc, then Acc@3, then Acc@5; stage 3 evaluates at steps 16, 20 and 24."""
+    scripted = iter([(50.0, 70.0, 80.0), (50.0, 75.0, 80.0), (50.0, 75.0, 85.0)])
+    evaluate_on = Worker.evaluate_on
+
+    def scripted_val(worker: Worker, name: str, model: nn.Module) -> dict[str, float]:
+        figures = evaluate_on(worker, name, model)
+        if name == "val" and worker.ctx.stage == "mixup":
+            figures.update(zip(("top1", "top3", "top5"), next(scripted), strict=True))
+        return figures
+
+    monkeypatch.setattr(Worker, "evaluate_on", scripted_val)
+    session = _run(tmp_path / "run", bn_teacher)
+    assert [(r["step"], r["best_val/step"]) for r in session.reports[-3:]] == [(16, 16), (20, 20), (24, 24)]
 
 
 def test_a_run_can_stop_after_a_stage_and_another_start_at_the_next_from_it(

@@ -233,6 +233,9 @@ class Worker:
         self.stage_best: dict[str, Any] | None = None
         self.step = 0
         self.best_val = -1.0
+        self.best_val_key: tuple[float, ...] = (
+            -1.0,
+        )  # best_val with its tie-breakers (Method.best_val_order)
         self.best_step = 0
         self.best_student: dict[str, torch.Tensor] | None = None
         self.train_seconds = self.epoch_train_seconds = 0.0
@@ -342,6 +345,8 @@ class Worker:
         self.epoch_steps = int(state.get("epoch_steps", 0))
         self.stage_best = state.get("stage_best")
         self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
+        # A checkpoint from before tie-breakers: a tie on top1 keeps its best, as it did then.
+        self.best_val_key = tuple(state.get("best_val_key", (self.best_val, math.inf)))
         self.best_student = state["best_student"]
         self.train_seconds, self.images_seen = float(state["train_seconds"]), float(state["images_seen"])
         self.epoch_metrics = dict(state.get("epoch_metrics", {}))
@@ -391,6 +396,7 @@ class Worker:
             "schedulers": {name: s.state_dict() for name, s in self.method.schedulers().items()},
             "scalers": {name: s.state_dict() for name, s in self.ctx.scalers.items()},
             "best_val": self.best_val,
+            "best_val_key": list(self.best_val_key),
             "best_step": self.best_step,
             "best_student": self.best_student,
             "train_seconds": self.train_seconds,
@@ -532,8 +538,9 @@ class Worker:
         self.last_val = val["top1"]
         if type(self.method).validate is not Method.validate:
             val.update(_broadcast(self.method.validate(self.val), self.world_size))
-        if val["top1"] > self.best_val:
-            self.best_val, self.best_step = val["top1"], self.step
+        key = tuple(val[name] for name in self.method.best_val_order if name in val)
+        if key > self.best_val_key:
+            self.best_val_key, self.best_val, self.best_step = key, val["top1"], self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         self._select(metrics, val)
         student_hash = self._student_hash()
@@ -625,6 +632,7 @@ class Worker:
             self.epoch_metrics = {}
             self.streams.clear_selections()
             self.best_val, self.best_step, self.best_student = -1.0, 0, None
+            self.best_val_key = (-1.0,)
         stage = self.stages[index]
         self.stage_clock = (time.perf_counter(), self._stage_fraction())
         self.ctx.stage, self.ctx.stage_step, self.ctx.stage_epoch = (

@@ -29,10 +29,11 @@ small labelled set is available (``data.labelled``). Three stages, run in order:
     L = u·CE(S(inputs), labels) + (1 − u)·kldiv(S(inputs), T(inputs), τ)      u = 0.5, τ = 10
 
   Early on (s ≈ b) the student mostly sees teacher-domain anchors; from epoch a·E on, only real images.
-  Selection: ``val/top1``.
+  Selection: ``val/top1``, ties broken by Acc@3 and then Acc@5 (the official rule), where measured.
 
 Fidelity flags (spec §3.5): ``reproduce_code_bug`` takes the KD target from a second student forward, as the
-official code does, instead of the teacher; ``official_normalization`` feeds the real half unnormalised;
+official code does, instead of the teacher; ``official_normalization`` feeds the real half unnormalised and
+stage 2's model selection normalised images (its encoder trained on images in [0, 1]);
 ``mask_constraint=batch_sum`` is the official ``|Σ_batch m − d(1 − inv)|``, whose per-sample target is met by
 the batch sum (default ``per_sample``: the average sample's Σ_j m_ij / sup m held at d·(1 − inv); sup m = 1/3,
 so the official per-sample target on the raw mask would be out of reach).
@@ -100,7 +101,7 @@ def mask_constraint(mask: Tensor, invariant: float, form: Literal["per_sample", 
 
 class AugKDOptimizers(MethodConfig):
     """The official README's, one optimizer per player and stage: stage 1 (generator, student, encoder),
-    stage 2 (anchor: cosine over its epochs), stage 3 (mixup: the student again, after ``warmup_epochs``)."""
+    stage 2 (anchor: cosine over its epochs), stage 3 (mixup: the student again, after ``warmup_steps``)."""
 
     generator: OptimizerConfig = adam(1e-3, schedule="cosine")
     student: OptimizerConfig = adam(1e-3, weight_decay=1e-4, schedule="cosine")
@@ -134,8 +135,10 @@ class AugKDConfig(MethodConfig):
     mask_constraint: Literal["per_sample", "batch_sum"] = "per_sample"
     # stage 3
     mixup_epochs: int = Field(200, ge=1)
-    warmup_epochs: int = Field(
-        5, ge=0, description="stage 3: epochs at optim.mixup.lr/3 (PyTorch ConstantLR's default)"
+    warmup_steps: int = Field(
+        5,
+        ge=0,
+        description="stage 3: first steps at optim.mixup.lr/3 (PyTorch ConstantLR's default, per batch)",
     )
     scheduler: Literal["linear", "step"] = "linear"
     a: float = Field(0.6, gt=0, description="f reaches 1 at epoch a·mixup_epochs")
@@ -143,7 +146,9 @@ class AugKDConfig(MethodConfig):
     temperature: float = Field(10.0, gt=0)
     ce_weight: float = Field(0.5, ge=0, le=1, description="u: CE weight; the KD term gets 1 − u")
     reproduce_code_bug: bool = Field(False, description="KD from a 2nd student forward (official)")
-    official_normalization: bool = Field(False, description="real half unnormalised (official)")
+    official_normalization: bool = Field(
+        False, description="real half unnormalised, stage-2 selection normalised (official)"
+    )
     scan_batch_size: int = Field(512, ge=1)
     eval_epochs: int = Field(1, ge=1, description="stages 2-3: evaluate (and select) every this many epochs")
     # ablations
@@ -161,6 +166,7 @@ class AugKD(Method):
     name = "augkd"
     consumes = frozenset({"labelled"})
     Config = AugKDConfig
+    best_val_order = ("top1", "top3", "top5")  # the official selection: Acc, then Acc@3, then Acc@5
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: AugKDConfig, ctx: RunContext) -> None:
         super().__init__(teacher, student, cfg, ctx)
@@ -341,6 +347,13 @@ class AugKD(Method):
 
     # -------------------------------------------------------------------------------------- stage 3: mixup
 
+    def mixup_lr(self) -> float:
+        """Stage 3's lr at this step: a third of it for the first ``warmup_steps`` (the official ConstantLR,
+        stepped per batch)."""
+        cfg: AugKDConfig = self.cfg
+        lr = cfg.optim.mixup.lr_at(self.ctx.stage_epoch, cfg.mixup_epochs)
+        return lr / 3 if self.ctx.stage_step <= cfg.warmup_steps else lr
+
     def mix_weight(self) -> float:
         cfg: AugKDConfig = self.cfg
         return mixup_weight(self.ctx.stage_epoch, cfg.mixup_epochs, cfg.a, cfg.b, cfg.scheduler)
@@ -360,6 +373,8 @@ class AugKD(Method):
         unit, labels = batch["unit"], batch["label"]
         for module in (self.generator, self.encoder, self.anchor):
             module.eval()
+        for group in self.opt_mix.param_groups:
+            group["lr"] = self.mixup_lr()
         weight = self.mix_weight()
         mixed = self.mix(unit, labels, weight, self.ctx.generator)
         real = unit if cfg.official_normalization else batch["image"]
@@ -390,21 +405,17 @@ class AugKD(Method):
     # ------------------------------------------------------------------------------------ engine interface
 
     def begin_epoch(self, data: Streams, epoch: int) -> tuple[int, dict[str, float]]:
-        """Stages 2 and 3 pass over the whole labelled set once per epoch; their lr is a function of it."""
+        """Stages 2 and 3 pass over the whole labelled set once per epoch; stage 2's lr is a function of it
+        (stage 3's is set per step, :meth:`mixup_lr`)."""
         cfg: AugKDConfig = self.cfg
         if self.ctx.stage == "anchor":
-            lr = cfg.optim.anchor.lr_at(epoch, cfg.anchor_epochs)
-            optimizer = self.opt_a
-        else:
-            lr = cfg.optim.mixup.lr_at(epoch, cfg.mixup_epochs) / (3 if epoch < cfg.warmup_epochs else 1)
-            optimizer = self.opt_mix
-            if epoch == 0 and not cfg.mixup_from_datafree_student:
-                # rank 0's initial weights (each rank built its student from its own seed; DDP's broadcast
-                # at wrapping time has already happened)
-                initial = {k: self.ctx.broadcast(v) for k, v in self.initial_student.items()}
-                unwrap(self.student).load_state_dict(initial)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+            for group in self.opt_a.param_groups:
+                group["lr"] = cfg.optim.anchor.lr_at(epoch, cfg.anchor_epochs)
+        elif epoch == 0 and not cfg.mixup_from_datafree_student:
+            # rank 0's initial weights (each rank built its student from its own seed; DDP's broadcast at
+            # wrapping time has already happened)
+            initial = {k: self.ctx.broadcast(v) for k, v in self.initial_student.items()}
+            unwrap(self.student).load_state_dict(initial)
         if self.labelled_rows is None:  # the same rows every epoch: scanned once per process
             units, labels = [], []
             for batch in data.scan("labelled", cfg.scan_batch_size):
@@ -443,8 +454,9 @@ class AugKD(Method):
                 anchor = unwrap(self.anchor)
 
                 def anchor_loss(images: Tensor, labels: Tensor) -> Tensor:
-                    unit = self.ctx.denormalize(images).clamp(0, 1)
-                    return self.anchor_loss(unit, labels, anchor, pool)[0]
+                    if not self.cfg.official_normalization:  # the encoder trained on images in [0, 1]
+                        images = self.ctx.denormalize(images).clamp(0, 1)
+                    return self.anchor_loss(images, labels, anchor, pool)[0]
 
                 return {"anchor_loss": val.mean(anchor_loss)}
             return {}

@@ -238,6 +238,9 @@ class Method(ABC):
     name: ClassVar[str]
     consumes: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # The validation accuracies that rank evaluations for the best student, top1 first: a tie on one goes to
+    # the better next one (those eval.topk does not measure are skipped); an exact tie keeps the earlier.
+    best_val_order: ClassVar[tuple[str, ...]] = ("top1",)
 
     def __init__(self, teacher: nn.Module, student: nn.Module, cfg: MethodConfig, ctx: RunContext) -> None:
         self.teacher = teacher

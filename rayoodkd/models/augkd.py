@@ -106,7 +106,8 @@ class AnchorNet(nn.Module):
         )
 
         def conv(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv1d(c_in, c_out, 3, padding=1), nn.BatchNorm1d(c_out), nn.LeakyReLU(0.2)]
+            # the official AnchorNet's LeakyReLU() (slope 0.01), unlike its encoder's and generator's 0.2
+            return [nn.Conv1d(c_in, c_out, 3, padding=1), nn.BatchNorm1d(c_out), nn.LeakyReLU()]
 
         self.mapping = nn.Sequential(
             *conv(1, 4), *conv(4, 8), *conv(8, 4), nn.Flatten(), nn.Linear(4 * nz, nz)
