@@ -41,15 +41,16 @@ KD3_RUN = [
 
 
 def test_alpha_schedule_is_the_official_time_d() -> None:
-    assert teacher_weight(0, 120) == pytest.approx(1 - math.exp(-5 * (1 / 160 - 1) ** 2))
-    assert teacher_weight(0, 120) == pytest.approx(0.9928, abs=1e-4)
-    assert teacher_weight(119, 120) == pytest.approx(1 - math.exp(-5 * (120 / 160 - 1) ** 2))
-    assert teacher_weight(119, 120) == pytest.approx(0.268, abs=1e-3)
-    assert teacher_weight(120, 120) == 0.0 and teacher_weight(239, 120) == 0.0
-    weights = [teacher_weight(e, 120) for e in range(120)]
+    """The official loop's first epoch is epoch 1: time_d(1, 120) = 1 − exp(−5·(2/160 − 1)²)."""
+    assert teacher_weight(0, 120) == pytest.approx(1 - math.exp(-5 * (2 / 160 - 1) ** 2))
+    assert teacher_weight(0, 120) == pytest.approx(0.9924, abs=1e-4)
+    assert teacher_weight(118, 120) == pytest.approx(1 - math.exp(-5 * (120 / 160 - 1) ** 2))
+    assert teacher_weight(118, 120) == pytest.approx(0.268, abs=1e-3)
+    assert teacher_weight(119, 120) == 0.0 and teacher_weight(239, 120) == 0.0  # official epochs 120 and 240
+    weights = [teacher_weight(e, 120) for e in range(119)]
     assert all(a > b for a, b in itertools.pairwise(weights))
     # Scaled to a short run: M = teacher_vote · epochs keeps the same curve.
-    assert teacher_weight(0, 12) == pytest.approx(1 - math.exp(-5 * (1 / 16 - 1) ** 2))
+    assert teacher_weight(0, 12) == pytest.approx(1 - math.exp(-5 * (2 / 16 - 1) ** 2))
 
 
 class QuadrantTeacher(Classifier):

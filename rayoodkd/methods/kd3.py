@@ -69,10 +69,12 @@ class KD3Config(EpochSelectionConfig):
 
 
 def teacher_weight(epoch: int, vote_epochs: int) -> float:
-    """α(e) of the official ``time_d(epoch, max_epoch=M)``: the teacher's share of the selection logits."""
-    if epoch >= vote_epochs:
+    """α of the 0-based ``epoch``: the teacher's share of the selection logits, the official
+    ``time_d(epoch, max_epoch=M)`` of its training loop, which counts epochs from 1."""
+    official_epoch = epoch + 1
+    if official_epoch >= vote_epochs:
         return 0.0
-    return 1.0 - math.exp(-5.0 * ((epoch + 1) / (4 * vote_epochs / 3) - 1.0) ** 2)
+    return 1.0 - math.exp(-5.0 * ((official_epoch + 1) / (4 * vote_epochs / 3) - 1.0) ** 2)
 
 
 def sample_beta(alpha: float, n: int, generator: Generator, device: torch.device) -> Tensor:
