@@ -244,6 +244,20 @@ def test_gmm_keeps_everything_when_losses_are_equal() -> None:
     assert bool(selection.mask.all()) and selection.fraction == 1.0
 
 
+def test_the_whole_batch_flip_is_a_fair_coin() -> None:
+    """torchvision's RandomHorizontalFlip (p = 0.5) after RandomCrop(32, padding=4), once per batch."""
+    image = torch.zeros(1, 1, 32, 32)
+    image[..., :16] = 1.0  # bright left half: a crop moves it by at most 4 columns, a flip to the right
+    generator = torch.Generator().manual_seed(0)
+    flips = 0
+    for _ in range(4000):
+        out = tadfkd_module.batch_crop_flip(image, "crop_flip", generator)
+        left, right = out[..., :12].mean(), out[..., 20:].mean()
+        assert min(left, right) == 0.0 and max(left, right) > 0.4
+        flips += int(right > left)
+    assert abs(flips / 4000 - 0.5) < 0.03
+
+
 def test_fill_fills_exactly_and_stops_at_its_bound() -> None:
     generator = torch.Generator().manual_seed(0)
     calls = []

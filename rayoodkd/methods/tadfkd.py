@@ -185,10 +185,11 @@ def batch_crop_flip(images: Tensor, mode: str, generator: torch.Generator) -> Te
         return images
     height, width = images.shape[-2:]
     pad = max(1, height // 8)
-    offsets = torch.randint(0, 2 * pad + 1, (3,), generator=generator, device=generator.device).tolist()
-    padded = F.pad(images, (pad, pad, pad, pad))
-    out = padded[:, :, offsets[0] : offsets[0] + height, offsets[1] : offsets[1] + width]
-    return out.flip(3) if mode == "crop_flip" and offsets[2] % 2 else out
+    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator, device=generator.device).tolist()
+    out = F.pad(images, (pad, pad, pad, pad))[:, :, top : top + height, left : left + width]
+    if mode == "crop_flip" and torch.randint(0, 2, (1,), generator=generator, device=generator.device).item():
+        return out.flip(3)
+    return out
 
 
 @METHODS.register("tadfkd")
