@@ -144,6 +144,26 @@ def test_discriminator_receptive_field_is_the_configured_patch_size(patch_size: 
     assert method.facts() == {"d/receptive_field": patch_size, "d/patch_stride": stride}
 
 
+@pytest.mark.parametrize(("patch_size", "stride"), [(10, 4), (4, 2), (5, 3)])
+def test_every_pixel_is_judged_once_the_patch_grid_has_cycled_through_its_offsets(
+    patch_size: int, stride: int
+) -> None:
+    method = _method(patch_size=patch_size, patch_stride=stride)
+    remainder = (SIZE - patch_size) % stride
+    discriminator = method.discriminator.eval()
+
+    def judged(step: int) -> Tensor:
+        method.ctx.stage_step = step
+        images = torch.zeros(1, 1, SIZE, SIZE, requires_grad=True)
+        discriminator(method._patch_grid_view(images)).sum().backward()
+        return images.grad[0, 0] != 0
+
+    cycle = [judged(step) for step in range(1, (remainder + 1) ** 2 + 1)]
+    assert torch.stack(cycle).any(0).all()
+    if remainder:  # one grid leaves the far rows and columns out
+        assert not cycle[0].all()
+
+
 def test_full_image_and_official_discriminators() -> None:
     full = _method(discriminator="full_image")
     assert full.receptive_field == SIZE and full.discriminator(torch.zeros(2, 1, SIZE, SIZE)).numel() == 2
@@ -215,6 +235,24 @@ def test_train_step_wires_the_reductions_and_weights(reduction: str, patches: in
     assert metrics["loss/kd"] == pytest.approx(0.0, abs=1e-7)
     expected_g = 2.0 * metrics["loss/align"] + 0.5 * metrics["loss/local"] + 10.0 * metrics["loss/balance"]
     assert metrics["loss/g"] == pytest.approx(expected_g)
+
+
+def test_the_discriminator_sees_real_and_synthetic_images_in_one_colour_space() -> None:
+    """A stream normalised otherwise (data.transforms.ood.normalizer) must not tell D real from fake."""
+
+    class OtherlyNormalised(FakeStreams):
+        def next(self, stream: str, augment: bool = True) -> dict[str, Tensor]:
+            batch = super().next(stream, augment)
+            return {**batch, "image": (batch["unit"] - 0.1) / 0.9}
+
+    method = _method(patch_size=4, patch_stride=2)  # a grid that covers 16 px: D sees whole images
+    data = OtherlyNormalised(method.ctx)
+    seen: list[Tensor] = []
+    method.discriminator.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0]))
+    method.train_step(data)
+    data.generator.manual_seed(0)
+    unit = torch.rand(8, 1, SIZE, SIZE, generator=data.generator)
+    torch.testing.assert_close(seen[1], method.ctx.normalize(unit))  # the D step's real half
 
 
 def test_ood_kd_normalizer_renormalises_the_kd_view_only() -> None:

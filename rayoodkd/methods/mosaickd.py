@@ -173,11 +173,13 @@ class MosaicKD(Method):
             self.generator.parameters(), ctx.max_steps
         )
         self.discriminator: nn.Module | None = None
-        self.receptive_field = self.output_stride = 0
+        self.receptive_field = self.output_stride = self.grid_remainder = 0
         if cfg.use_discriminator:
             self.discriminator = self._build_discriminator(cfg, ctx).to(device)
             self.receptive_field = int(self.discriminator.effective_receptive_field)
             self.output_stride = int(self.discriminator.output_stride)
+            if cfg.discriminator == "patch":  # unpadded: its grid of patches may not reach the far edges
+                self.grid_remainder = (ctx.image_size - self.receptive_field) % self.output_stride
             self.optimizer_d, self.scheduler_d = cfg.optim.discriminator.build(
                 self.discriminator.parameters(), ctx.max_steps
             )
@@ -231,6 +233,19 @@ class MosaicKD(Method):
             unit = self.generator(self.ctx.randn(batch, self.cfg.nz))
         return unit, self.ctx.normalize(unit.float())
 
+    def _patch_grid_view(self, images: Tensor) -> Tensor:
+        """``images`` cropped by r = (H − L) mod s rows and columns so that D's unpadded grid of L×L patches
+        at stride s fits exactly, with the crop's origin cycling through the (r + 1)² offsets with the step:
+        a fixed grid would never judge the last r rows and columns, and G would be free there (Eqn. 3 asks
+        every local pattern of G(z) to look like the OOD data's)."""
+        r = self.grid_remainder
+        if r == 0:
+            return images
+        step = self.ctx.stage_step
+        top, left = step % (r + 1), step // (r + 1) % (r + 1)
+        height, width = images.shape[-2:]
+        return images[..., top : top + height - r, left : left + width - r]
+
     def _ood_for_kd(self, data: Streams) -> Tensor:
         batch = data.next("ood")
         if self.cfg.ood_kd_normalizer is None:
@@ -250,8 +265,9 @@ class MosaicKD(Method):
         self.generator.train()
         metrics: Metrics = {}
 
-        # The un-augmented OOD view paces the outer loop (the official train_loader) and feeds D.
-        real = data.next("ood", augment=False)["image"]
+        # The un-augmented OOD view paces the outer loop (the official train_loader) and feeds D, normalised
+        # as the synthetic images are (the stream's own normaliser may differ: data.transforms.ood).
+        real = ctx.normalize(data.next("ood", augment=False)["unit"])
         batch = cfg.synthetic_batch_size or len(real)
         unit, images = self._synthesize(batch)
         self._samples = unit.detach()[:_MAX_SAMPLES]  # copied to the host only when a grid is logged
@@ -260,7 +276,8 @@ class MosaicKD(Method):
         if self.discriminator is not None:
             self.discriminator.train()
             with ctx.autocast():
-                d_fake, d_real = self.discriminator(images.detach()), self.discriminator(real)
+                d_fake = self.discriminator(self._patch_grid_view(images.detach()))
+                d_real = self.discriminator(self._patch_grid_view(real))
             d_fake, d_real = d_fake.float(), d_real.float()
             loss_d = cfg.local_weight * (
                 patch_bce(d_fake, False, 2 * len(d_fake), cfg.local_reduction)
@@ -285,7 +302,7 @@ class MosaicKD(Method):
             loss_g = cfg.align_weight * loss_align + cfg.balance_weight * loss_balance
             if self.discriminator is not None:
                 with ctx.autocast():
-                    d_fake = self.discriminator(images).float()
+                    d_fake = self.discriminator(self._patch_grid_view(images)).float()
                 loss_local = patch_bce(d_fake, True, len(d_fake), cfg.local_reduction)  # Eqn. 3
                 loss_g = loss_g + cfg.local_weight * loss_local
                 metrics["loss/local"] = loss_local.detach()
