@@ -244,6 +244,33 @@ def test_gmm_keeps_everything_when_losses_are_equal() -> None:
     assert bool(selection.mask.all()) and selection.fraction == 1.0
 
 
+def test_the_documented_kd_datafree_flavour_of_dfq_resolves_to_its_settings() -> None:
+    """docs/methods/datafree.md's overrides for MosaicKD's kd_datafree.py, as typed on a command line."""
+    flavour = [
+        "dfq.generator=mosaickd",
+        "dfq.nz=100",
+        "dfq.bn_variant=concat",
+        "dfq.balance_log_base=10",
+        "dfq.temperature=1",
+        "dfq.kd_steps=5",
+        "dfq.batch_size=128",
+        "dfq.optim.student={name: adam, lr: 0.001, weight_decay: 1e-4, schedule: cosine, eta_min: 0}",
+        "dfq.optim.generator={name: adam, lr: 0.001, betas: [0.9, 0.999], schedule: cosine}",
+        "dfq.student_eval_in_g_step=false",
+        "dfq.generator_eval_for_kd=false",
+    ]
+    cfg = resolve_config("mnist-dfq", flavour).dfq
+    student, generator = cfg.optim.student, cfg.optim.generator
+    assert (student.name, student.weight_decay, student.schedule, student.eta_min) == (
+        "adam",
+        1e-4,
+        "cosine",
+        0,
+    )
+    assert (generator.name, generator.betas, generator.schedule) == ("adam", (0.9, 0.999), "cosine")
+    assert cfg.balance_log_base == "10" and cfg.temperature == cfg.adv_temperature == 1.0
+
+
 def test_the_whole_batch_flip_is_a_fair_coin() -> None:
     """torchvision's RandomHorizontalFlip (p = 0.5) after RandomCrop(32, padding=4), once per batch."""
     image = torch.zeros(1, 1, 32, 32)

@@ -15,14 +15,17 @@ Per outer iteration (one ``train_step``; the toolkit's ``synthesize()`` + ``trai
         z ~ N(0, I_nz);  x = N(G(z)) (no grad);  L_S = kldiv(S(x), T(x), τ)    S ← SGD step
     S scheduler step (cosine over the run, eta_min 2e-4)
 
-Toolkit defaults: adv 1, bn 1 (per-layer sum, §1.3), oh 1, balance 20 (natural log), τ 20, nz 256, the CMI
-generator. The toolkit builds its synthesizer with ``student=teacher`` (spec §6.7), which makes the
-adversarial term identically 0; here the real student is used, as in MosaicKD ``kd_datafree.py``.
+Toolkit defaults: adv 1, bn 1 (per-layer sum, §1.3), oh 1, balance 20 (natural log), τ 1, nz 256, the CMI
+generator (τ: for DFQ the toolkit's ``datafree_kd.py`` replaces its ``KLDiv(T=args.T)`` with ``KLDiv()``, so
+the ``--T 20`` of its scripts never reaches the student or the adversarial term). The toolkit builds its
+synthesizer with ``student=teacher`` (spec §6.7), which makes the adversarial term identically 0; here the
+real student is used, as in MosaicKD ``kd_datafree.py``.
 
 MosaicKD ``kd_datafree.py`` flavour (README: oh 1, ie 20, bn 1, adv 1): ``generator=mosaickd nz=100
 bn_variant=concat balance_log_base=10 temperature=1 generator_steps=1 kd_steps=5 batch_size=128
-optim.student='{name: adam, lr: 1e-3, weight_decay: 1e-4, schedule: constant}' student_eval_in_g_step=false
-generator_eval_for_kd=false``.
+optim.student='{name: adam, lr: 1e-3, weight_decay: 1e-4, schedule: cosine, eta_min: 0}'
+optim.generator='{name: adam, lr: 1e-3, betas: [0.9, 0.999], schedule: cosine}' student_eval_in_g_step=false
+generator_eval_for_kd=false`` (its cosines step per epoch, here per iteration).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from rayoodkd.methods.base import Method, MethodConfig, Metrics, RunContext, Streams, kd_loss
@@ -71,15 +74,19 @@ class DFQConfig(MethodConfig):
     balance: float = Field(20.0, ge=0, description="weight of Σ_c p̄_c log p̄_c ('ie' in MosaicKD)")
     bn_variant: BNVariant = Field("sum", description="'sum' (toolkit) or 'concat' (MosaicKD), spec §1.3")
     balance_log_base: Literal["e", "10"] = Field("e", description="'e' (toolkit) or '10' (MosaicKD)")
-    temperature: float = Field(20.0, gt=0, description="τ of the student KD (toolkit: 20)")
-    adv_temperature: float = Field(
-        1.0,
-        gt=0,
-        description="τ of the adversarial term (MosaicKD: 1; the toolkit's τ=20 diverges, see docs)",
-    )
+    temperature: float = Field(1.0, gt=0, description="τ of the student KD (toolkit: 1, see the module doc)")
+    adv_temperature: float = Field(1.0, gt=0, description="τ of the adversarial term (toolkit, MosaicKD: 1)")
     optim: DFQOptimizers = DFQOptimizers()
     student_eval_in_g_step: bool = Field(True, description="toolkit: S.eval() while synthesising")
-    generator_eval_for_kd: bool = Field(True, description="toolkit: G.eval() (BN running stats) in sample()")
+    generator_eval_for_kd: bool = Field(
+        True, description="CMI's sample(): G.eval() (BN running stats); Fast-Datafree's keeps G in train mode"
+    )
+
+    @field_validator("balance_log_base", mode="before")
+    @classmethod
+    def _base_as_text(cls, value: object) -> object:
+        """``balance_log_base=10`` on the command line arrives as the number 10."""
+        return str(value) if value == 10 else value
 
 
 @METHODS.register("dfq")
