@@ -89,14 +89,18 @@ def close_cut_short(runs: list[tuple[Tracker, str]], wait_s: float = 10.0) -> No
 
 class _HeldSignals:
     """From its creation, in the main thread, Ctrl-C and SIGTERM are held back until :meth:`deliver`; a second
-    one is delivered at once (the way to stop an opening that hangs)."""
+    one is delivered at once (the way to stop an opening that hangs). Handlers installed from C, which Python
+    cannot put back, are left alone."""
 
     def __init__(self) -> None:
         self._held: int | None = None
-        self._sigint_before: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._sigint_before = signal.signal(signal.SIGINT, self._hold)
-            signal.signal(signal.SIGTERM, self._hold)
+        self._before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self._armed = (
+            threading.current_thread() is threading.main_thread() and None not in self._before.values()
+        )
+        if self._armed:
+            for signum in self._before:
+                signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         forced = self._held is not None
@@ -105,13 +109,17 @@ class _HeldSignals:
             self.deliver()
 
     def deliver(self) -> None:
-        """Put SIGINT's handler back, make SIGTERM exit as a command's does once Ray starts, and raise the
-        signal held, if any (its handler runs in this thread before its next few bytecodes)."""
-        if self._sigint_before is None:
+        """Put the handlers back, and raise the signal held, if any (its handler runs in this thread before
+        its next few bytecodes). SIGTERM's default would end the process with nothing closed, so where no
+        one handled it, it now exits as a command's does once Ray starts (:func:`exit_on_sigterm`)."""
+        if not self._armed:
             return
-        signal.signal(signal.SIGINT, self._sigint_before)
-        exit_on_sigterm()
-        self._sigint_before = None
+        self._armed = False
+        signal.signal(signal.SIGINT, self._before[signal.SIGINT])
+        if self._before[signal.SIGTERM] is signal.SIG_DFL:
+            exit_on_sigterm()
+        else:
+            signal.signal(signal.SIGTERM, self._before[signal.SIGTERM])
         if self._held is not None:
             signal.raise_signal(self._held)
 

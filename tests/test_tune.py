@@ -274,6 +274,17 @@ def test_ctrl_c_or_sigterm_during_a_fit_stops_it_the_way_tune_stops_and_is_remem
             signal.signal(signum, handler)
 
 
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """SIGINT's and SIGTERM's handlers as they were before the test."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 class _Parent:
     ended: tuple[str, str] | None = None
 
@@ -282,7 +293,7 @@ class _Parent:
 
 
 def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
-    monkeypatch: pytest.MonkeyPatch,
+    signal_handlers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rayoodkd import raystart
 
@@ -303,17 +314,6 @@ def test_a_sweep_stopped_at_once_outside_its_fit_closes_its_parent_killed(
         "interrupted (Ctrl-C) before the sweep started",
         130,
     )  # before the sweep was recorded: nothing to resume
-
-
-@pytest.fixture
-def signal_handlers() -> Iterator[None]:
-    """SIGINT's and SIGTERM's handlers as they were before the test."""
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +359,19 @@ def test_a_second_signal_while_the_parent_run_opens_stops_at_once(signal_handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ray_inits_sigterm_exit_reads_as_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_guard_puts_back_a_sigterm_handler_someone_else_installed(signal_handlers: None) -> None:
+    def users_own(signum: int, frame: object) -> None:  # a notebook's, a framework's
+        """Not called."""
+
+    signal.signal(signal.SIGTERM, users_own)
+    with parent_killed_if_stopped_at_once(_Parent):
+        assert signal.getsignal(signal.SIGTERM) is users_own
+    assert signal.getsignal(signal.SIGTERM) is users_own
+
+
+def test_ray_inits_sigterm_exit_reads_as_sigterm(
+    signal_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rayoodkd import raystart
 
     monkeypatch.setattr(raystart, "_sigterm_at", None)

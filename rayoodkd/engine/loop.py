@@ -232,10 +232,8 @@ class Worker:
         self.epoch_metrics: dict[str, float] = {}
         self.stage_best: dict[str, Any] | None = None
         self.step = 0
-        self.best_val = -1.0
-        self.best_val_key: tuple[float, ...] = (
-            -1.0,
-        )  # best_val with its tie-breakers (Method.best_val_order)
+        # The best val top1 with its tie-breakers (Method.best_val_order).
+        self.best_val_key: tuple[float, ...] = (-1.0,)
         self.best_step = 0
         self.best_student: dict[str, torch.Tensor] | None = None
         self.train_seconds = self.epoch_train_seconds = 0.0
@@ -344,9 +342,9 @@ class Worker:
         self.epoch_step = int(state.get("epoch_step", 0))
         self.epoch_steps = int(state.get("epoch_steps", 0))
         self.stage_best = state.get("stage_best")
-        self.best_val, self.best_step = float(state["best_val"]), int(state["best_step"])
+        self.best_step = int(state["best_step"])
         # A checkpoint from before tie-breakers: a tie on top1 keeps its best, as it did then.
-        self.best_val_key = tuple(state.get("best_val_key", (self.best_val, math.inf)))
+        self.best_val_key = tuple(state.get("best_val_key", (float(state["best_val"]), math.inf)))
         self.best_student = state["best_student"]
         self.train_seconds, self.images_seen = float(state["train_seconds"]), float(state["images_seen"])
         self.epoch_metrics = dict(state.get("epoch_metrics", {}))
@@ -526,6 +524,11 @@ class Worker:
             names = ", ".join(name for name, count in zip(players, bad, strict=True) if count)
             self._stop_nonfinite(f"the weights of {names} are not finite")
 
+    @property
+    def best_val(self) -> float:
+        """The best val top1 so far in the stage (-1 before its first evaluation)."""
+        return self.best_val_key[0]
+
     def _report(self, metrics: dict[str, float], final: bool) -> dict[str, float]:
         self._check_weights_finite()
         student = self.method.deployable_student()
@@ -540,7 +543,7 @@ class Worker:
             val.update(_broadcast(self.method.validate(self.val), self.world_size))
         key = tuple(val[name] for name in self.method.best_val_order if name in val)
         if key > self.best_val_key:
-            self.best_val_key, self.best_val, self.best_step = key, val["top1"], self.step
+            self.best_val_key, self.best_step = key, self.step
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         self._select(metrics, val)
         student_hash = self._student_hash()
@@ -631,8 +634,7 @@ class Worker:
             self.stage_epoch = self.epoch_step = self.epoch_steps = 0
             self.epoch_metrics = {}
             self.streams.clear_selections()
-            self.best_val, self.best_step, self.best_student = -1.0, 0, None
-            self.best_val_key = (-1.0,)
+            self.best_val_key, self.best_step, self.best_student = (-1.0,), 0, None
         stage = self.stages[index]
         self.stage_clock = (time.perf_counter(), self._stage_fraction())
         self.ctx.stage, self.ctx.stage_step, self.ctx.stage_epoch = (

@@ -86,7 +86,7 @@ class DFQConfig(MethodConfig):
     @classmethod
     def _base_as_text(cls, value: object) -> object:
         """``balance_log_base=10`` on the command line arrives as the number 10."""
-        return str(value) if value == 10 else value
+        return "10" if isinstance(value, int) and value == 10 else value
 
 
 @METHODS.register("dfq")

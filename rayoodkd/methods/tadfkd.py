@@ -185,11 +185,11 @@ def batch_crop_flip(images: Tensor, mode: str, generator: torch.Generator) -> Te
         return images
     height, width = images.shape[-2:]
     pad = max(1, height // 8)
-    top, left = torch.randint(0, 2 * pad + 1, (2,), generator=generator, device=generator.device).tolist()
+    # One draw (one host sync on a GPU) of two offsets in [0, 2·pad], each with a fair coin in its lowest bit.
+    draws = torch.randint(0, 2 * (2 * pad + 1), (2,), generator=generator, device=generator.device).tolist()
+    top, left, flip = draws[0] // 2, draws[1] // 2, draws[1] % 2
     out = F.pad(images, (pad, pad, pad, pad))[:, :, top : top + height, left : left + width]
-    if mode == "crop_flip" and torch.randint(0, 2, (1,), generator=generator, device=generator.device).item():
-        return out.flip(3)
-    return out
+    return out.flip(3) if mode == "crop_flip" and flip else out
 
 
 @METHODS.register("tadfkd")
