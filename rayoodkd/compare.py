@@ -130,8 +130,6 @@ def default_name(entries: list[Entry], seeds: list[int], overrides: list[str]) -
 
 def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, str]) -> None:
     """One cell (a Tune function trainable): a full rayoodkd run, reporting to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from rayoodkd.launch import launch
 
     cell = cells[config["cell"]]
@@ -144,7 +142,7 @@ def _trainable(config: dict[str, Any], *, cells: list[Cell], compare: dict[str, 
     )
     launch(
         build_config(data),
-        callbacks=[TuneReportCallback()],
+        report_to_tune=True,
         mlflow_tags={
             "mlflow.parentRunId": compare["parent_run_id"],
             "compare": compare["name"],

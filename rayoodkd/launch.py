@@ -242,7 +242,7 @@ def _train_on_workers(
     datasets: dict[str, Any],
     run_name: str,
     storage: str,
-    callbacks: list[Any] | None,
+    report_to_tune: bool,
 ) -> tuple[dict[str, Any], str]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -254,6 +254,11 @@ def _train_on_workers(
     shares = {name: block_shares(datasets[name], cfg.num_workers) for name in EVAL_SPLITS if name in datasets}
     eval_blocks = {name: blocks for name, blocks in shares.items() if blocks is not None}
     datasets = {name: dataset for name, dataset in datasets.items() if name not in eval_blocks}
+    callbacks = None
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks = [TuneReportCallback()]
     resources = {"CPU": cfg.resources.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.resources.gpus_per_worker
@@ -282,7 +287,7 @@ def _train_on_workers(
 
 
 def _train_in_driver(
-    cfg: BaseRunConfig, loop_config: dict[str, Any], datasets: dict[str, Any]
+    cfg: BaseRunConfig, loop_config: dict[str, Any], datasets: dict[str, Any], report_to_tune: bool
 ) -> tuple[dict[str, Any], str]:
     import torch
 
@@ -291,16 +296,28 @@ def _train_in_driver(
 
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     session = DriverSession(
-        datasets, loop_config["run_dir"], cfg.checkpoints_to_keep, loop_config["stream_rows"], device
+        datasets,
+        loop_config["run_dir"],
+        cfg.checkpoints_to_keep,
+        loop_config["stream_rows"],
+        device,
+        also_report=_tune_report if report_to_tune else None,
     )
     run_worker(loop_config, session)
     return session.last_metrics, session.last_checkpoint or ""
 
 
+def _tune_report(metrics: dict[str, Any]) -> None:
+    """A report of a run that trains in its Tune trial's process (``num_workers=0``), to Tune."""
+    from ray import tune
+
+    tune.report(metrics)
+
+
 def launch(
     cfg: BaseRunConfig,
     *,
-    callbacks: list[Any] | None = None,
+    report_to_tune: bool = False,
     mlflow_tags: dict[str, str] | None = None,
     console_label: str | None = None,
     log: Any = print,
@@ -310,6 +327,7 @@ def launch(
     Raises :class:`ConfigError` (one line naming the key) for anything wrong with the inputs, before an
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
+    ``report_to_tune``: the run is a Tune trial's, and its reports (every evaluation) go to Tune too.
     """
     started, launched_at = time.monotonic(), time.time()
     phases = Phases()
@@ -351,9 +369,11 @@ def launch(
     }
     try:
         if cfg.num_workers == 0:
-            metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets)
+            metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets, report_to_tune)
         else:
-            metrics, checkpoint = _train_on_workers(cfg, loop_config, datasets, run_name, storage, callbacks)
+            metrics, checkpoint = _train_on_workers(
+                cfg, loop_config, datasets, run_name, storage, report_to_tune
+            )
         summary = _summary(cfg, run_name, metrics, checkpoint, tracker, teacher_path, corrupt_images, started)
         _finish_tracking(tracker, summary)
     except BaseException as error:

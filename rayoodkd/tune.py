@@ -277,7 +277,6 @@ class SweepPaths:
 def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str, str]) -> None:
     """One trial (a Tune function trainable): a full rayoodkd run whose reports go to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from rayoodkd.launch import launch
 
@@ -292,7 +291,7 @@ def _trainable(config: dict[str, Any], *, base: dict[str, Any], sweep: dict[str,
     sampled = ", ".join(f"{k}={v}" for k, v in config["search"].items())
     launch(
         build_config(data),
-        callbacks=[TuneReportCallback()],
+        report_to_tune=True,
         mlflow_tags={
             "mlflow.parentRunId": sweep["parent_run_id"],
             "sweep": sweep["name"],

@@ -160,6 +160,7 @@ def test_compare_runs_every_cell_as_a_child_run_and_writes_table_plot_and_csv(
     console = capsys.readouterr().out
     assert "compare cmp: 4 runs" in console and "| demo | 2/2 |" in console
     assert "View detailed results" not in console and "Configuration for experiment" not in console  # Tune's
+    assert console.count("done: demo") == 4 and "at best val nan" not in console  # reported to Tune
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").read_text().splitlines()))
     assert len(rows) == 4 and all(float(row["test/top1"]) >= 0 for row in rows)
     assert "| demo | 2/2 |" in (tmp_path / "out" / "compare.md").read_text()
