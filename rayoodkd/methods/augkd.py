@@ -117,7 +117,9 @@ class AugKDConfig(MethodConfig):
     nz: int = Field(100, ge=1, description="latent size d shared by G, E and A")
     ngf: int = Field(64, ge=1, description="generator width (AuG-KD's G = MosaicKD's layout)")
     encoder_width: int = Field(64, ge=1)
-    batch_size: int = Field(256, ge=2, description="synthetic images per stage-1 step (per worker)")
+    batch_size: int = Field(
+        256, ge=2, description="synthetic images per stage-1 step (per worker; official 2048, a GPU's)"
+    )
     # stage 1
     datafree_steps: int = Field(40_000, ge=1, description="stage-1 iterations (official: 200 epochs × 200)")
     inner_steps: int = Field(5, ge=1, description="S and E steps per G step")
