@@ -267,7 +267,9 @@ class MosaicKD(Method):
 
         # The un-augmented OOD view paces the outer loop (the official train_loader) and feeds D, normalised
         # as the synthetic images are (the stream's own normaliser may differ: data.transforms.ood).
-        real = ctx.normalize(data.next("ood", augment=False)["unit"])
+        real = ctx.normalize(data.next("ood", augment=False)["unit"]).contiguous(
+            memory_format=ctx.memory_format
+        )
         batch = cfg.synthetic_batch_size or len(real)
         unit, images = self._synthesize(batch)
         self._samples = unit.detach()[:_MAX_SAMPLES]  # copied to the host only when a grid is logged
