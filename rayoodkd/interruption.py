@@ -89,8 +89,8 @@ def close_cut_short(runs: list[tuple[Tracker, str]], wait_s: float = 10.0) -> No
 
 class _HeldSignals:
     """From its creation, in the main thread, Ctrl-C and SIGTERM are held back until :meth:`deliver`; a second
-    one is delivered at once (the way to stop an opening that hangs). Handlers installed from C, which Python
-    cannot put back, are left alone."""
+    one is delivered at once (the way to stop an opening that hangs). If either handler was installed from C,
+    which Python cannot put back, neither signal is held."""
 
     def __init__(self) -> None:
         self._held: int | None = None

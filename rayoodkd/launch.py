@@ -287,7 +287,7 @@ def _train_on_workers(
 
 
 def _train_in_driver(
-    cfg: BaseRunConfig, loop_config: dict[str, Any], datasets: dict[str, Any], report_to_tune: bool
+    cfg: BaseRunConfig, loop_config: dict[str, Any], datasets: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     import torch
 
@@ -296,22 +296,20 @@ def _train_in_driver(
 
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     session = DriverSession(
-        datasets,
-        loop_config["run_dir"],
-        cfg.checkpoints_to_keep,
-        loop_config["stream_rows"],
-        device,
-        also_report=_tune_report if report_to_tune else None,
+        datasets, loop_config["run_dir"], cfg.checkpoints_to_keep, loop_config["stream_rows"], device
     )
     run_worker(loop_config, session)
     return session.last_metrics, session.last_checkpoint or ""
 
 
-def _tune_report(metrics: dict[str, Any]) -> None:
-    """A report of a run that trains in its Tune trial's process (``num_workers=0``), to Tune."""
+def _tune_report(metrics: dict[str, Any], checkpoint: str) -> None:
+    """The final report of a run that trained in its Tune trial's process (``num_workers=0``), to Tune, as
+    Ray Train's TuneReportCallback reports a worker's. Only the final one: a report blocks, and Tune ends a
+    trial it stops (ASHA, Ctrl-C) by raising SystemExit from it, which mid-run would read as an
+    interruption."""
     from ray import tune
 
-    tune.report(metrics)
+    tune.report({**metrics, "checkpoint_path": checkpoint} if checkpoint else metrics)
 
 
 def launch(
@@ -327,7 +325,8 @@ def launch(
     Raises :class:`ConfigError` (one line naming the key) for anything wrong with the inputs, before an
     MLflow run exists; a failure during training closes the MLflow run (see the module doc) and re-raises.
     ``console_label`` starts every progress line of the run (for runs sharing one console: sweeps).
-    ``report_to_tune``: the run is a Tune trial's, and its reports (every evaluation) go to Tune too.
+    ``report_to_tune``: the run is a Tune trial's, and its reports go to Tune too: every evaluation from
+    Ray Train's workers, the final one from a run in the trial's own process (``num_workers=0``).
     """
     started, launched_at = time.monotonic(), time.time()
     phases = Phases()
@@ -369,7 +368,7 @@ def launch(
     }
     try:
         if cfg.num_workers == 0:
-            metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets, report_to_tune)
+            metrics, checkpoint = _train_in_driver(cfg, loop_config, datasets)
         else:
             metrics, checkpoint = _train_on_workers(
                 cfg, loop_config, datasets, run_name, storage, report_to_tune
@@ -393,6 +392,8 @@ def launch(
         if isinstance(error, Exception):
             raise RunFailed(f"run {run_name} failed: {reason}") from error
         raise
+    if report_to_tune and cfg.num_workers == 0:
+        _tune_report(metrics, checkpoint)
     if cfg.summary_json:
         path = Path(cfg.summary_json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -198,10 +198,7 @@ class DriverSession:
         keep: int,
         stream_rows: dict[str, int],
         device: str | torch.device = "cpu",
-        also_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        """``also_report`` receives every report's metrics too (a Tune trial's run: Tune)."""
-        self.also_report = also_report
         self.rank, self.world_size = 0, 1
         self.stream_rows = stream_rows
         self.device = torch.device(device)
@@ -225,8 +222,6 @@ class DriverSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         self.last_metrics = dict(metrics)
-        if self.also_report is not None:
-            self.also_report(self.last_metrics)
         if checkpoint_dir is None:
             return
         name = unused_checkpoint_name(self.run_dir, step)
