@@ -277,7 +277,7 @@ def test_ctrl_c_or_sigterm_during_a_fit_stops_it_the_way_tune_stops_and_is_remem
 @pytest.fixture
 def signal_handlers() -> Iterator[None]:
     """SIGINT's and SIGTERM's handlers as a command's process starts with them (the suite's process may hold
-    Ray Train's SIGINT handler and our SIGTERM one from earlier runs), and as they were after the test."""
+    Ray Train's SIGINT handler and our SIGTERM one from earlier runs); put back as found after the test."""
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
